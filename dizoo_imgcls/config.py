@@ -1,0 +1,135 @@
+"""Config files, ``--set`` overrides and the compiled config (DI-engine style EasyDicts)."""
+import ast
+import copy
+import difflib
+import importlib.util
+import os
+from typing import Any, Dict, Iterable, List
+
+from ding.utils import deep_merge_dicts
+from ding.worker import BaseLearner, MetricSerialEvaluator
+from easydict import EasyDict
+
+from .data import DATA_CONFIG
+from .policy import ImageClassificationPolicy
+
+TOP_CONFIG = dict(
+    # (str) Experiment name: the run is written to output_dir/exp_name (a suffix is added if it exists).
+    exp_name='experiment',
+    # (str) Folder that holds experiment folders.
+    output_dir='experiments',
+    # (int) Seed for python, numpy and torch RNGs and the sampler's per-epoch shuffles.
+    seed=0,
+    # (int) Console line and train/* TensorBoard scalars every this many iterations.
+    log_every=20,
+    # (int) Evaluate every this many epochs (and always after the last one).
+    eval_every=1,
+)
+
+# Sections whose keys are free-form: model keyword arguments differ between models, and DI-engine's
+# learner and evaluator settings are validated by DI-engine itself.
+OPEN_SECTIONS = ('policy.model', 'policy.learn.learner', 'policy.eval.evaluator')
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key or file."""
+
+
+def default_config() -> EasyDict:
+    cfg = copy.deepcopy(TOP_CONFIG)
+    cfg['data'] = copy.deepcopy(DATA_CONFIG)
+    policy = ImageClassificationPolicy.default_config()
+    policy.learn.learner = deep_merge_dicts(BaseLearner.default_config(), policy.learn.learner)
+    # Our TrainLoggerHook replaces DI-engine's tabulated log_show hook (same numbers, one line, plus img/s).
+    # Checkpoints are written per epoch by the entry and by the evaluator (best); not every N iterations.
+    for hook_key in ('log_show_after_iter', 'save_ckpt_after_iter'):
+        del policy.learn.learner.hook[hook_key]
+    policy.eval.evaluator = deep_merge_dicts(MetricSerialEvaluator.default_config(), policy.eval.evaluator)
+    cfg['policy'] = policy
+    return EasyDict(cfg)
+
+
+def load_config_file(path: str) -> Dict:
+    """Import a config file and return its ``main_config`` dict."""
+    if not os.path.isfile(path):
+        raise ConfigError(f'config file not found: {path}')
+    spec = importlib.util.spec_from_file_location('_dizoo_imgcls_user_config', path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # a broken config file should name itself, not show our internals
+        raise ConfigError(f'cannot load config file {path}: {type(e).__name__}: {e}') from e
+    if not hasattr(module, 'main_config'):
+        raise ConfigError(f'config file {path} defines no `main_config` dict')
+    return copy.deepcopy(dict(module.main_config))
+
+
+def flat_keys(tree: Dict, prefix: str = '') -> List[str]:
+    keys = []
+    for k, v in tree.items():
+        path = f'{prefix}{k}'
+        keys.append(path)
+        if isinstance(v, dict) and path not in OPEN_SECTIONS:
+            keys.extend(flat_keys(v, path + '.'))
+    return keys
+
+
+def _unknown_key_error(key: str, valid: Iterable[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, list(valid), n=3, cutoff=0.5)
+    hint = f"; closest valid keys: {', '.join(close)}" if close else ''
+    return ConfigError(f"unknown config key '{key}' in {where}{hint}")
+
+
+def check_keys(user: Dict, defaults: Dict, where: str) -> None:
+    """Every key of ``user`` must exist in ``defaults`` (outside the open sections)."""
+    valid = flat_keys(defaults)
+
+    def walk(user_node: Dict, default_node: Dict, prefix: str) -> None:
+        for k, v in user_node.items():
+            path = f'{prefix}{k}'
+            if k not in default_node:
+                raise _unknown_key_error(path, valid, where)
+            if isinstance(v, dict) and isinstance(default_node[k], dict) and path not in OPEN_SECTIONS:
+                walk(v, default_node[k], path + '.')
+
+    walk(user, defaults, '')
+
+
+def parse_value(text: str) -> Any:
+    """A Python literal (``0.1``, ``[1, 2]``, ``None``, ``'x'``); anything else is taken as a plain string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def apply_override(cfg: EasyDict, assignment: str) -> None:
+    """Apply one ``dotted.key=value`` override in place."""
+    if '=' not in assignment:
+        raise ConfigError(f"--set expects dotted.key=value, got '{assignment}'")
+    key, text = assignment.split('=', 1)
+    key = key.strip()
+    parts = key.split('.')
+    node, walked = cfg, []
+    for part in parts[:-1]:
+        walked.append(part)
+        if not isinstance(node, dict) or part not in node:
+            raise _unknown_key_error(key, flat_keys(cfg), '--set')
+        node = node[part]
+    in_open_section = '.'.join(walked) in OPEN_SECTIONS
+    if not isinstance(node, dict) or (parts[-1] not in node and not in_open_section):
+        raise _unknown_key_error(key, flat_keys(cfg), '--set')
+    value = parse_value(text)
+    if isinstance(node.get(parts[-1]), dict) and not isinstance(value, dict):
+        raise ConfigError(f"--set {key}: '{key}' is a section; set one of its keys, e.g. {key}.<name>=...")
+    node[parts[-1]] = value
+
+
+def build_config(user_config: Dict, overrides: Iterable[str] = (), source: str = 'config') -> EasyDict:
+    """Defaults <- config file dict <- ``--set`` overrides, with unknown keys reported."""
+    defaults = default_config()
+    check_keys(user_config, defaults, source)
+    cfg = EasyDict(deep_merge_dicts(defaults, user_config))
+    for assignment in overrides:
+        apply_override(cfg, assignment)
+    return EasyDict(cfg)

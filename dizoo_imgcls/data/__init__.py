@@ -1,0 +1,4 @@
+from .folder import EXPECTED_LAYOUT, DataLayoutError, ImageFolderSplit, class_index, load_rgb
+from .loader import DATA_CONFIG, ImageFolderData, build_datasets, build_loaders, default_num_workers
+from .sampler import DistributedSampler, TrainBatchSampler
+from .transforms import EvalPreset, TrainPreset

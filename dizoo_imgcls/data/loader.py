@@ -1,0 +1,82 @@
+"""Loader factory: datasets, shard samplers and DataLoaders from the ``data`` config section."""
+import os
+from dataclasses import dataclass
+from typing import Dict, List
+
+import torch
+from torch.utils.data import DataLoader
+
+from .folder import ImageFolderSplit, class_index
+from .sampler import DistributedSampler, TrainBatchSampler
+from .transforms import EvalPreset, TrainPreset
+
+DATA_CONFIG = dict(
+    # (str) Folder holding train/<class>/* and val/<class>/*. --data-root or $IMAGENET_ROOT override it.
+    root=None,
+    # (int) Side of the square training and evaluation crops, in px.
+    image_size=224,
+    # (list) Area range of RandomResizedCrop, as fractions of the source image.
+    train_crop_scale=[0.08, 1.0],
+    # (bool) Random horizontal flips in training (turn off where mirroring changes the class, e.g. digits).
+    hflip=True,
+    # (float) Eval resizes the shorter side to image_size / eval_crop_ratio, then takes the center crop.
+    eval_crop_ratio=0.875,
+    # (int) Loader worker processes per rank; None means one per CPU core available to this process.
+    num_workers=None,
+    # (bool) Let libjpeg decode eval JPEGs at 1/2, 1/4 or 1/8 scale when they are far larger than needed.
+    jpeg_draft=True,
+)
+
+
+@dataclass
+class ImageFolderData:
+    train_loader: DataLoader
+    val_loader: DataLoader
+    train_sampler: DistributedSampler
+    val_sampler: DistributedSampler
+    class_names: List[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def default_num_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+
+
+def build_datasets(data_cfg: Dict):
+    root = data_cfg['root']
+    class_to_idx = class_index(os.path.join(root, 'train'))
+    train = ImageFolderSplit(
+        os.path.join(root, 'train'), class_to_idx,
+        TrainPreset(data_cfg['image_size'], data_cfg['train_crop_scale'], data_cfg['hflip']),
+    )
+    eval_preset = EvalPreset(data_cfg['image_size'], data_cfg['eval_crop_ratio'])
+    val = ImageFolderSplit(
+        os.path.join(root, 'val'), class_to_idx, eval_preset,
+        draft_size=eval_preset.resize_size if data_cfg['jpeg_draft'] else None, allow_empty=True,
+    )
+    return train, val
+
+
+def build_loaders(data_cfg: Dict, batch_size: int, eval_batch_size: int, rank: int = 0, world_size: int = 1,
+                  seed: int = 0) -> ImageFolderData:
+    """Train and val loaders for this rank. Per-rank batch sizes; the global batch is ``batch_size * world``."""
+    train_set, val_set = build_datasets(data_cfg)
+    workers = data_cfg['num_workers']
+    workers = default_num_workers() if workers is None else workers
+    common = dict(
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=workers > 0,
+    )
+    train_sampler = DistributedSampler(len(train_set), world_size, rank, shuffle=True, seed=seed)
+    val_sampler = DistributedSampler(len(val_set), world_size, rank, shuffle=False)
+    # Each rank seeds its own generator so augmentations differ between ranks but repeat across runs.
+    generator = torch.Generator()
+    generator.manual_seed(seed * 1000 + rank)
+    train_loader = DataLoader(train_set, batch_sampler=TrainBatchSampler(train_sampler, batch_size),
+                              generator=generator, **common)
+    val_loader = DataLoader(val_set, batch_size=eval_batch_size, sampler=val_sampler, **common)
+    return ImageFolderData(train_loader, val_loader, train_sampler, val_sampler, list(train_set.classes))

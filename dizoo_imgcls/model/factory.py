@@ -1,0 +1,99 @@
+"""Model factory: build a classifier by name, with MSRA init and an input-normalization stem.
+
+Image models take uint8 (or float 0..255) NCHW batches; the normalization to mean/std lives inside the
+model so the data workers ship compact uint8 tensors and an exported model needs no separate preprocessing.
+"""
+from typing import Callable, Dict, Sequence
+
+import torch
+import torch.nn as nn
+import torchvision
+from ding.utils.registry import Registry
+
+MODEL_REGISTRY = Registry()
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class InputNormalize(nn.Module):
+    """Maps 0..255 pixel values to (x / 255 - mean) / std, as one fused multiply-add."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.register_buffer('scale', 1.0 / (255.0 * std_t), persistent=False)
+        self.register_buffer('shift', -mean_t / std_t, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(self.shift, x.float(), self.scale)
+
+
+class ImageClassifier(nn.Module):
+    """A backbone preceded by input normalization; ``backbone`` holds the torchvision module unchanged."""
+
+    def __init__(self, backbone: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.normalize = InputNormalize(mean, std)
+        self.backbone = backbone
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(self.normalize(x))
+
+
+def msra_init_(model: nn.Module, zero_init_residual: bool) -> None:
+    """Kaiming-normal convs (fan_out, as in He et al. 2015), unit BN, small linear head.
+
+    With ``zero_init_residual`` the last BN of each residual block starts at zero, so every block is the
+    identity at init (Goyal et al. 2017) and very deep nets train from the first step.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            nn.init.zeros_(m.bias)
+    if zero_init_residual:
+        for m in model.modules():
+            if isinstance(m, torchvision.models.resnet.Bottleneck):
+                nn.init.zeros_(m.bn3.weight)
+            elif isinstance(m, torchvision.models.resnet.BasicBlock):
+                nn.init.zeros_(m.bn2.weight)
+
+
+def _register_torchvision_resnet(name: str) -> None:
+    builder: Callable[..., nn.Module] = getattr(torchvision.models, name)
+
+    def build(num_classes: int, zero_init_residual: bool = False, mean=IMAGENET_MEAN, std=IMAGENET_STD, **_):
+        backbone = builder(weights=None, num_classes=num_classes)
+        msra_init_(backbone, zero_init_residual)
+        return ImageClassifier(backbone, mean, std)
+
+    MODEL_REGISTRY.register(name, build)
+
+
+for _name in ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152'):
+    _register_torchvision_resnet(_name)
+
+
+def available_models() -> list:
+    return sorted(MODEL_REGISTRY.keys())
+
+
+def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:
+    """Build a registered model, e.g. ``create_model('resnet18', num_classes=10, zero_init_residual=True)``."""
+    if name not in MODEL_REGISTRY:
+        raise KeyError(f"unknown model '{name}'; available: {', '.join(available_models())}")
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f'num_classes must be a positive integer, got {num_classes!r}')
+    return MODEL_REGISTRY[name](num_classes=num_classes, **kwargs)
+
+
+def build_model_from_cfg(model_cfg: Dict) -> nn.Module:
+    """The adapter between a ``policy.model`` config dict and the factory, which never sees the config."""
+    kwargs = {k: v for k, v in model_cfg.items() if k not in ('name', 'num_classes')}
+    return create_model(model_cfg['name'], model_cfg['num_classes'], **kwargs)

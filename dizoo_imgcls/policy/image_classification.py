@@ -1,0 +1,268 @@
+import math
+import time
+from contextlib import nullcontext
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from ding.policy import Policy
+from ding.utils import POLICY_REGISTRY
+
+from ..model import build_model_from_cfg
+from .optim import build_lr_scheduler, build_sgd, param_groups_no_bn_bias_decay, scaled_lr
+
+AMP_MODES = ('auto', 'bf16', 'fp16', 'none')
+
+
+def resolve_amp_dtype(amp: str, device_type: str) -> Optional[torch.dtype]:
+    """The autocast dtype for ``amp`` on this device, or None for full fp32."""
+    if amp not in AMP_MODES:
+        raise ValueError(f"policy.learn.amp must be one of {AMP_MODES}, got '{amp}'")
+    if amp == 'none':
+        return None
+    if device_type == 'cuda':
+        if amp == 'auto':
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if amp == 'bf16' else torch.float16
+    if amp == 'fp16':
+        raise ValueError("policy.learn.amp='fp16' needs a GPU; use 'bf16' or 'none' on CPU")
+    if amp == 'auto':
+        # bf16 autocast only pays off on CPUs with native bf16 dot products (AVX512-BF16 or AMX).
+        fast_bf16 = getattr(torch.cpu, '_is_avx512_bf16_supported', lambda: False)() or \
+            getattr(torch.cpu, '_is_amx_tile_supported', lambda: False)()
+        return torch.bfloat16 if fast_bf16 else None
+    return torch.bfloat16
+
+
+@POLICY_REGISTRY.register('image_classification')
+class ImageClassificationPolicy(Policy):
+    """Supervised image classification: SGD with momentum, warmup + per-iteration LR schedule, mixed precision.
+
+    Learn-mode input is ``[images, targets]`` (uint8 NCHW images; the model normalizes them), eval-mode
+    input is an image batch and the output is float32 logits on the CPU.
+    """
+    config = dict(
+        # (str) Registered name of this policy in DI-engine's POLICY_REGISTRY.
+        type='image_classification',
+        # (bool) Train on a GPU when one is available; CPU otherwise.
+        cuda=True,
+        # (bool) DI-engine's hand-written gradient sync; always False here: DDP is used (learn.multi_gpu).
+        multi_gpu=False,
+        # (bool) Supervised learning has no notion of on/off-policy; kept for DI-engine's Policy contract.
+        on_policy=False,
+        model=dict(
+            # (str) Model name in dizoo_imgcls.model.MODEL_REGISTRY: resnet18, resnet34, resnet50, ...
+            name='resnet18',
+            # (int) Number of classes; None takes it from the training folder.
+            num_classes=None,
+            # (bool) Start the last BN of each residual block at zero, so every block begins as identity.
+            zero_init_residual=True,
+        ),
+        learn=dict(
+            # (bool) DistributedDataParallel; set automatically when launched by torchrun with >1 process.
+            multi_gpu=False,
+            # (int) Images per step on each rank; the global batch is batch_size x world size.
+            batch_size=256,
+            # (int) Number of epochs to train.
+            train_epoch=90,
+            # (int) Iterations per epoch; filled in by the entry from the data loader, not set by hand.
+            iters_per_epoch=None,
+            # (float) Peak learning rate per 256 images: lr = lr_per_256 x global batch / 256.
+            lr_per_256=0.1,
+            # (float) SGD momentum.
+            momentum=0.9,
+            # (bool) Nesterov momentum.
+            nesterov=False,
+            # (float) L2 weight decay on conv and linear weights; never on BN parameters or biases.
+            weight_decay=1e-4,
+            # (str) LR schedule after warmup, stepped every iteration: 'cosine', 'step' or 'onecycle'.
+            lr_schedule='cosine',
+            # (float) Length of the linear LR warmup, in epochs (fractions allowed).
+            warmup_epochs=5,
+            # (float) LR at the start of warmup, as a fraction of the peak LR.
+            warmup_start_factor=0.01,
+            # (float) LR at the end of the 'cosine' or 'onecycle' schedule, as a fraction of the peak LR.
+            final_lr_factor=0.0,
+            # (list) 'step' schedule: epochs after which the LR is multiplied by lr_step_gamma.
+            lr_step_epochs=[30, 60, 80],
+            # (float) 'step' schedule: LR multiplier at each of lr_step_epochs.
+            lr_step_gamma=0.1,
+            # (float) Label smoothing of the training cross-entropy (0 = none).
+            label_smoothing=0.0,
+            # (str) Mixed precision: 'auto' (bf16 where the hardware runs it fast, fp16 on older GPUs),
+            # 'bf16', 'fp16' (GPU only, with a gradient scaler) or 'none'.
+            amp='auto',
+            # (bool) channels_last memory format: faster convolutions with bf16/fp16 on CPU and GPU.
+            channels_last=True,
+            # (float) Clip the global gradient norm to this value; None only measures it.
+            grad_clip_norm=None,
+            # (dict) DI-engine BaseLearner settings (hooks); the entry adds its own logging hook.
+            learner=dict(hook=dict(save_ckpt_after_run=True)),
+        ),
+        eval=dict(
+            # (int) Images per eval batch on each rank.
+            batch_size=256,
+            # (str) Metric that decides the best checkpoint and the stop condition: acc1, acc5 or loss.
+            metric_key='acc1',
+            # (dict) DI-engine MetricSerialEvaluator settings. stop_value None: never stop early.
+            evaluator=dict(eval_freq=1, stop_value=None, multi_gpu=False),
+        ),
+        collect=dict(),
+    )
+
+    def default_model(self):
+        return 'resnet18', ['dizoo_imgcls.model']
+
+    def _create_model(self, cfg, model: Optional[nn.Module] = None) -> nn.Module:
+        if model is None:
+            if cfg.model.num_classes is None:
+                raise ValueError('policy.model.num_classes is not set (the entry fills it in from the data)')
+            model = build_model_from_cfg(cfg.model)
+        if cfg.learn.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    def _set_device(self) -> None:
+        # The base class picks cuda:rank; under torchrun the entry has already selected the local GPU.
+        if self._cuda:
+            self._device = f'cuda:{torch.cuda.current_device()}'
+        self._amp_dtype = resolve_amp_dtype(self._cfg.learn.amp, 'cuda' if self._cuda else 'cpu')
+
+    def _autocast(self):
+        if self._amp_dtype is None:
+            return nullcontext()
+        return torch.autocast('cuda' if self._cuda else 'cpu', dtype=self._amp_dtype)
+
+    def _to_input(self, img: torch.Tensor) -> torch.Tensor:
+        img = img.to(self._device, non_blocking=True)
+        if self._cfg.learn.channels_last and img.dim() == 4:
+            img = img.contiguous(memory_format=torch.channels_last)
+        return img
+
+    def _init_learn(self) -> None:
+        self._set_device()
+        cfg = self._cfg.learn
+        if cfg.iters_per_epoch is None:
+            raise ValueError('policy.learn.iters_per_epoch is not set (the entry fills it in from the loader)')
+        self._world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        self._global_batch = cfg.batch_size * self._world_size
+        self._peak_lr = scaled_lr(cfg.lr_per_256, self._global_batch)
+        self._optimizer = build_sgd(
+            param_groups_no_bn_bias_decay(self._model, cfg.weight_decay), self._peak_lr, cfg.momentum, cfg.nesterov
+        )
+        self._lr_scheduler = build_lr_scheduler(
+            self._optimizer,
+            cfg.lr_schedule,
+            total_iters=cfg.train_epoch * cfg.iters_per_epoch,
+            warmup_iters=round(cfg.warmup_epochs * cfg.iters_per_epoch),
+            warmup_start_factor=cfg.warmup_start_factor,
+            final_lr_factor=cfg.final_lr_factor,
+            step_milestones=[e * cfg.iters_per_epoch for e in cfg.lr_step_epochs],
+            step_gamma=cfg.lr_step_gamma,
+        )
+        self._scaler = torch.amp.GradScaler('cuda') if self._amp_dtype == torch.float16 else None
+        self._criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        self._learn_model = self._model
+        if cfg.multi_gpu and self._world_size > 1:
+            device_ids = [torch.cuda.current_device()] if self._cuda else None
+            self._learn_model = nn.parallel.DistributedDataParallel(self._model, device_ids=device_ids)
+        self._epoch = 0
+        self._iteration = 0
+
+    def _forward_learn(self, data: List[torch.Tensor]) -> Dict[str, Any]:
+        start = time.perf_counter()
+        img, target = self._to_input(data[0]), data[1].to(self._device, non_blocking=True)
+        self._learn_model.train()
+        with self._autocast():
+            logits = self._learn_model(img)
+        loss = self._criterion(logits.float(), target)
+        self._optimizer.zero_grad(set_to_none=True)
+        grad_norm = self._backward_and_step(loss)
+        lr = self._optimizer.param_groups[0]['lr']
+        self._lr_scheduler.step()
+        self._iteration += 1
+        acc1 = (logits.argmax(dim=1) == target).float().mean()
+        out = {
+            'loss': loss.item(),  # .item() waits for the GPU, so step_time below is real
+            'lr': lr,
+            'acc1': 100.0 * acc1.item(),
+            'grad_norm': grad_norm,
+            'batch_size': int(target.numel()),
+        }
+        out['step_time'] = time.perf_counter() - start
+        return out
+
+    def _backward_and_step(self, loss: torch.Tensor) -> float:
+        params = [p for p in self._model.parameters() if p.requires_grad]
+        clip = self._cfg.learn.grad_clip_norm
+        if self._scaler is not None:
+            self._scaler.scale(loss).backward()
+            self._scaler.unscale_(self._optimizer)
+        else:
+            loss.backward()
+        if clip is None:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        if self._scaler is not None:
+            self._scaler.step(self._optimizer)  # skips the step when fp16 gradients overflowed
+            self._scaler.update()
+        else:
+            self._optimizer.step()
+        grad_norm = grad_norm.item()
+        return grad_norm if math.isfinite(grad_norm) else float('nan')
+
+    def _monitor_vars_learn(self) -> List[str]:
+        return ['loss', 'lr', 'acc1', 'grad_norm', 'step_time']
+
+    def _state_dict_learn(self) -> Dict[str, Any]:
+        state = {
+            'model': self._model.state_dict(),
+            'optimizer': self._optimizer.state_dict(),
+            'lr_scheduler': self._lr_scheduler.state_dict(),
+            'epoch': self._epoch,
+            'iteration': self._iteration,
+        }
+        if self._scaler is not None:
+            state['grad_scaler'] = self._scaler.state_dict()
+        return state
+
+    def _load_state_dict_learn(self, state_dict: Dict[str, Any]) -> None:
+        self._model.load_state_dict(state_dict['model'])
+        self._optimizer.load_state_dict(state_dict['optimizer'])
+        self._lr_scheduler.load_state_dict(state_dict['lr_scheduler'])
+        if self._scaler is not None and 'grad_scaler' in state_dict:
+            self._scaler.load_state_dict(state_dict['grad_scaler'])
+        self._epoch = state_dict['epoch']
+        self._iteration = state_dict['iteration']
+
+    def _init_eval(self) -> None:
+        self._set_device()
+        self._eval_model = self._model
+
+    def _forward_eval(self, data: torch.Tensor) -> torch.Tensor:
+        self._eval_model.eval()
+        with torch.no_grad(), self._autocast():
+            logits = self._eval_model(self._to_input(data))
+        return logits.float().cpu()
+
+    def _state_dict_eval(self) -> Dict[str, Any]:
+        return {'model': self._model.state_dict()}
+
+    def _load_state_dict_eval(self, state_dict: Dict[str, Any]) -> None:
+        self._model.load_state_dict(state_dict['model'])
+
+    # Supervised learning collects no data: collect mode exists only to honour the Policy interface.
+    def _init_collect(self) -> None:
+        raise NotImplementedError('ImageClassificationPolicy has no collect mode; create it with '
+                                  "enable_field=['learn', 'eval']")
+
+    def _forward_collect(self, data: Dict[int, Any], **kwargs) -> Dict[int, Any]:
+        raise NotImplementedError('ImageClassificationPolicy has no collect mode')
+
+    def _process_transition(self, obs: Any, policy_output: Dict[str, torch.Tensor], timestep: Any) -> Dict[str, Any]:
+        raise NotImplementedError('ImageClassificationPolicy has no collect mode')
+
+    def _get_train_sample(self, transitions: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        raise NotImplementedError('ImageClassificationPolicy has no collect mode')

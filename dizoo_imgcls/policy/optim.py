@@ -1,0 +1,83 @@
+"""Optimizer and per-iteration LR schedule, built from plain arguments (the policy adapts its config)."""
+from typing import Iterable, List, Sequence
+
+import torch
+from torch.optim.lr_scheduler import (CosineAnnealingLR, LinearLR, LRScheduler, MultiStepLR, OneCycleLR,
+                                      SequentialLR)
+
+LR_SCHEDULES = ('cosine', 'step', 'onecycle')
+
+
+def scaled_lr(lr_per_256: float, global_batch_size: int) -> float:
+    """Linear scaling rule (Goyal et al. 2017): the peak LR grows with the global batch."""
+    return lr_per_256 * global_batch_size / 256.0
+
+
+def param_groups_no_bn_bias_decay(model: torch.nn.Module, weight_decay: float) -> List[dict]:
+    """Weight decay on conv/linear weights only: BN scales/shifts and biases (all 1-D) are not decayed."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim <= 1 else decay).append(param)
+    return [
+        dict(params=decay, weight_decay=weight_decay),
+        dict(params=no_decay, weight_decay=0.0),
+    ]
+
+
+def build_sgd(params: Iterable, lr: float, momentum: float, nesterov: bool) -> torch.optim.SGD:
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
+
+
+def build_lr_scheduler(
+        optimizer: torch.optim.Optimizer,
+        schedule: str,
+        total_iters: int,
+        warmup_iters: int,
+        warmup_start_factor: float = 0.01,
+        final_lr_factor: float = 0.0,
+        step_milestones: Sequence[int] = (),
+        step_gamma: float = 0.1,
+) -> LRScheduler:
+    """An LR scheduler to be stepped once per iteration.
+
+    - ``cosine``: linear warmup from ``warmup_start_factor`` x peak, then cosine decay to
+      ``final_lr_factor`` x peak at ``total_iters``.
+    - ``step``: linear warmup, then x ``step_gamma`` at each milestone (in iterations from the start).
+    - ``onecycle``: torch's OneCycleLR (cosine up for ``warmup_iters``, cosine down), momentum left alone.
+    """
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"policy.learn.lr_schedule must be one of {LR_SCHEDULES}, got '{schedule}'")
+    if total_iters < 1:
+        raise ValueError(f'total_iters must be positive, got {total_iters}')
+    warmup_iters = max(0, min(int(warmup_iters), total_iters - 1))
+    peak = optimizer.param_groups[0]['lr']
+    if schedule == 'onecycle':
+        return OneCycleLR(
+            optimizer, max_lr=[g['lr'] for g in optimizer.param_groups], total_steps=total_iters + 1,
+            pct_start=max(warmup_iters, 1) / (total_iters + 1), anneal_strategy='cos', cycle_momentum=False,
+            div_factor=1.0 / warmup_start_factor,
+            final_div_factor=warmup_start_factor / max(final_lr_factor, 1e-12),
+        )
+    if schedule == 'cosine':
+        main = CosineAnnealingLR(optimizer, T_max=total_iters - warmup_iters, eta_min=peak * final_lr_factor)
+    else:
+        main = MultiStepLR(optimizer, milestones=[max(m - warmup_iters, 0) for m in step_milestones],
+                           gamma=step_gamma)
+    if warmup_iters == 0:
+        return main
+    warmup = LinearLR(optimizer, start_factor=warmup_start_factor, end_factor=1.0, total_iters=warmup_iters)
+    return SequentialLR(optimizer, [warmup, main], milestones=[warmup_iters])
+
+
+def lr_schedule_curve(schedule_kwargs: dict, lr: float, iters: int) -> List[float]:
+    """The LR the scheduler gives at each of the first ``iters`` steps (for tests and plots)."""
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=lr)
+    scheduler = build_lr_scheduler(optimizer, **schedule_kwargs)
+    curve = []
+    for _ in range(iters):
+        curve.append(optimizer.param_groups[0]['lr'])
+        optimizer.step()
+        scheduler.step()
+    return curve

@@ -1,0 +1,78 @@
+"""Train an image classifier with DI-engine.
+
+    python entry/imagenet_res18_main.py --demo                       # digits, ships with scikit-learn
+    python entry/imagenet_res18_main.py --data-root /data/imagenet   # ImageNet, classic 90-epoch recipe
+    python entry/imagenet_res18_main.py --config config/imagenette_res18_config.py --data-root DIR \\
+        --set policy.learn.train_epoch=1
+"""
+import argparse
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CONFIG = os.path.join(HERE, '..', 'config', 'imagenet_res18_config.py')
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--config', default=None, help='config file defining main_config '
+                        '(default: config/imagenet_res18_config.py)')
+    parser.add_argument('--data-root', default=None, help='folder with train/<class>/* and val/<class>/*')
+    parser.add_argument('--exp-name', default=None, help='experiment name (folder under output_dir)')
+    parser.add_argument('--seed', type=int, default=None, help='random seed')
+    parser.add_argument('--set', dest='overrides', action='append', default=[], metavar='KEY=VALUE',
+                        help='override a config key, e.g. --set policy.learn.batch_size=128 (repeatable)')
+    parser.add_argument('--demo', action='store_true',
+                        help='train on the handwritten digits shipped with scikit-learn (no download)')
+    return parser.parse_args(argv)
+
+
+def compile_cfg(args: argparse.Namespace):
+    from dizoo_imgcls.config import build_config, load_config_file
+    from dizoo_imgcls.demo import DEMO_CONFIG, prepare_digits
+
+    if args.demo:
+        if args.config:
+            raise SystemExit('error: --demo and --config exclude each other')
+        user, source = dict(DEMO_CONFIG), '--demo config'
+    else:
+        source = args.config or DEFAULT_CONFIG
+        user = load_config_file(source)
+    cfg = build_config(user, args.overrides, source)
+    if args.demo and args.data_root is None:
+        cfg.data.root = prepare_digits()
+    if args.data_root is not None:
+        cfg.data.root = args.data_root
+    if args.exp_name is not None:
+        cfg.exp_name = args.exp_name
+    if args.seed is not None:
+        cfg.seed = args.seed
+    return cfg
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from dizoo_imgcls.config import ConfigError
+    from dizoo_imgcls.data import EXPECTED_LAYOUT, DataLayoutError
+    from dizoo_imgcls.train import train
+
+    try:
+        cfg = compile_cfg(args)
+    except ConfigError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    if not cfg.data.root:
+        print('error: no data root: pass --data-root DIR (or set $IMAGENET_ROOT) with the layout '
+              f'{EXPECTED_LAYOUT}, or run with --demo to train on bundled digits', file=sys.stderr)
+        return 2
+    try:
+        train(cfg)
+    except DataLayoutError as e:
+        print(f'error: {e}. Pass --data-root DIR, or run with --demo to train on bundled digits', file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == '__main__':
+    sys.path.insert(0, os.path.dirname(HERE))
+    sys.exit(main())

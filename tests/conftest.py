@@ -1,0 +1,50 @@
+import os
+import shutil
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_IMAGENETTE = os.path.join(REPO, '..', 'shared', 'data', 'imagenette2-224')
+
+
+@pytest.fixture(scope='session')
+def imagenette_root():
+    """The shared Imagenette folder: skipped outside CI when absent, a failure in CI (CI=true)."""
+    if not os.path.isdir(os.path.join(SHARED_IMAGENETTE, 'train')):
+        message = f'shared Imagenette not found at {os.path.abspath(SHARED_IMAGENETTE)}'
+        if os.environ.get('CI') == 'true':
+            pytest.fail(message)
+        pytest.skip(message)
+    return os.path.abspath(SHARED_IMAGENETTE)
+
+
+def make_subset(src_root: str, dst_root: str, classes, per_class: dict) -> str:
+    """Symlink the first N images of each chosen class into a new ImageNet-layout folder (no copies)."""
+    for split, count in per_class.items():
+        for cls in classes:
+            src = os.path.join(src_root, split, cls)
+            dst = os.path.join(dst_root, split, cls)
+            os.makedirs(dst, exist_ok=True)
+            for name in sorted(os.listdir(src))[:count]:
+                os.symlink(os.path.join(src, name), os.path.join(dst, name))
+    return dst_root
+
+
+@pytest.fixture
+def tiny_image_folder(tmp_path):
+    """A 3-class ImageNet-layout folder of small generated images (colour = class), incl. a grayscale one."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    colours = {'a_red': (200, 30, 30), 'b_green': (30, 200, 30), 'c_blue': (30, 30, 200)}
+    for split, count in (('train', 12), ('val', 5)):
+        for cls, colour in colours.items():
+            folder = tmp_path / split / cls
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = np.clip(np.array(colour) + rng.normal(0, 20, (40, 48, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f'{i}.jpg')
+    Image.fromarray(np.full((40, 48), 128, np.uint8), mode='L').save(tmp_path / 'train' / 'a_red' / 'gray.png')
+    yield str(tmp_path)
+    shutil.rmtree(tmp_path, ignore_errors=True)

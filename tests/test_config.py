@@ -1,0 +1,45 @@
+import pytest
+
+from dizoo_imgcls.config import ConfigError, apply_override, build_config, default_config, parse_value
+
+
+def test_values_parse_as_python_literals():
+    assert parse_value('0.5') == 0.5
+    assert parse_value('[1, 2]') == [1, 2]
+    assert parse_value('None') is None
+    assert parse_value('True') is True
+    assert parse_value('resnet50') == 'resnet50'  # not a literal: a plain string
+
+
+def test_set_overrides_nested_keys():
+    cfg = build_config({}, ['policy.learn.batch_size=32', 'data.train_crop_scale=[0.25, 1.0]', 'seed=3'])
+    assert cfg.policy.learn.batch_size == 32
+    assert cfg.data.train_crop_scale == [0.25, 1.0]
+    assert cfg.seed == 3
+
+
+def test_unknown_key_names_the_closest_valid_keys():
+    with pytest.raises(ConfigError) as err:
+        build_config({}, ['policy.learn.batchsize=32'])
+    assert "unknown config key 'policy.learn.batchsize'" in str(err.value)
+    assert 'policy.learn.batch_size' in str(err.value)
+    with pytest.raises(ConfigError, match='data.image_size'):
+        build_config({}, ['data.imagesize=64'])
+
+
+def test_unknown_key_in_a_config_file_is_an_error():
+    with pytest.raises(ConfigError, match='closest valid keys: .*policy.learn.train_epoch'):
+        build_config({'policy': {'learn': {'train_epochs': 3}}}, source='my_config.py')
+
+
+def test_malformed_and_section_overrides():
+    cfg = default_config()
+    with pytest.raises(ConfigError, match='dotted.key=value'):
+        apply_override(cfg, 'policy.learn.batch_size')
+    with pytest.raises(ConfigError, match='is a section'):
+        apply_override(cfg, 'policy.learn=3')
+
+
+def test_model_section_accepts_model_specific_keys():
+    cfg = build_config({}, ['policy.model.name=resnet34', 'policy.model.mean=[0.5, 0.5, 0.5]'])
+    assert cfg.policy.model.name == 'resnet34' and cfg.policy.model.mean == [0.5, 0.5, 0.5]

@@ -1,0 +1,62 @@
+"""The command line as a user runs it: real processes, real files."""
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO, make_subset
+
+ENTRY = os.path.join(REPO, 'entry', 'imagenet_res18_main.py')
+
+
+def run_entry(*args, env=None, timeout=600):
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, ENTRY, *args], capture_output=True, text=True, timeout=timeout,
+                          env=full_env, cwd=REPO)
+
+
+def test_missing_data_root_is_one_clear_line_and_exit_2(tmp_path):
+    missing = tmp_path / 'nope'
+    result = run_entry('--data-root', str(missing), '--set', f'output_dir={tmp_path}')
+    assert result.returncode == 2
+    assert 'Traceback' not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert str(missing) in lines[0] and '--demo' in lines[0] and 'train/<class>' in lines[0]
+
+
+def test_no_data_root_at_all_points_to_the_flags(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != 'IMAGENET_ROOT'}
+    result = subprocess.run([sys.executable, ENTRY, '--set', f'output_dir={tmp_path}'], capture_output=True,
+                            text=True, timeout=300, env=env, cwd=REPO)
+    assert result.returncode == 2
+    assert '--data-root' in result.stderr and '--demo' in result.stderr and 'Traceback' not in result.stderr
+
+
+def test_unknown_set_key_exits_2_naming_closest_key(tmp_path):
+    result = run_entry('--demo', '--set', 'policy.learn.lr_per256=0.1', '--set', f'output_dir={tmp_path}')
+    assert result.returncode == 2
+    assert 'policy.learn.lr_per_256' in result.stderr and 'Traceback' not in result.stderr
+
+
+def test_val_class_unknown_to_train_is_a_clear_error(tiny_image_folder, tmp_path):
+    os.makedirs(os.path.join(tiny_image_folder, 'val', 'zebra'))
+    result = run_entry('--data-root', tiny_image_folder, '--set', f'output_dir={tmp_path}')
+    assert result.returncode == 2
+    assert 'zebra' in result.stderr and 'Traceback' not in result.stderr
+
+
+def test_short_run_on_generated_folder_writes_experiment(tiny_image_folder, tmp_path):
+    result = run_entry(
+        '--data-root', tiny_image_folder, '--exp-name', 'tiny', '--seed', '1',
+        '--set', f'output_dir={tmp_path}', '--set', 'data.image_size=32', '--set', 'policy.learn.batch_size=8',
+        '--set', 'policy.learn.train_epoch=2', '--set', 'policy.learn.warmup_epochs=0',
+        '--set', 'data.num_workers=0', '--set', 'log_every=2')
+    assert result.returncode == 0, result.stdout + result.stderr
+    exp = tmp_path / 'tiny'
+    summary = json.loads((exp / 'summary.json').read_text())
+    assert summary['epochs'] == 2 and summary['eval_samples'] == 15 and summary['num_classes'] == 3
+    assert json.loads((exp / 'classes.json').read_text()) == ['a_red', 'b_green', 'c_blue']
+    assert (exp / 'total_config.py').exists() and (exp / 'ckpt' / 'ckpt_best.pth.tar').exists()
+    assert f'tensorboard --logdir {exp / "tb"}' in result.stdout
+    assert 'img/s' in result.stdout and 'eta' in result.stdout

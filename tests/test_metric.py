@@ -1,0 +1,70 @@
+import math
+
+import pytest
+import torch
+from ding.worker import MetricSerialEvaluator
+from easydict import EasyDict
+
+from dizoo_imgcls.metric import ImageClassificationMetric, topk_correct
+
+
+def test_topk_by_hand_and_clamped_to_class_count():
+    logits = torch.tensor([[0.1, 0.7, 0.2], [0.5, 0.3, 0.2], [0.2, 0.3, 0.5]])
+    target = torch.tensor([1, 2, 0])
+    # top-1: only sample 0 is right; top-2: sample 0 and sample 2 (0.3 > 0.2 puts class 0 third) -> 1
+    assert topk_correct(logits, target, ks=(1, 2)) == {1: 1, 2: 1}
+    # only 3 classes: top-5 is top-3, which always hits
+    assert topk_correct(logits, target, ks=(1, 5)) == {1: 1, 5: 3}
+
+
+def test_reduce_is_sample_weighted_with_uneven_last_batch():
+    metric = ImageClassificationMetric()
+    # batch 1: 4 samples, all correct; batch 2: 1 sample, wrong. Mean of batch means would be 50%.
+    b1_logits = torch.eye(3)[[0, 1, 2, 0]] * 5
+    b1_target = torch.tensor([0, 1, 2, 0])
+    b2_logits = torch.tensor([[5.0, 0.0, 0.0]])
+    b2_target = torch.tensor([2])
+    result = metric.reduce_mean([metric.eval(b1_logits, b1_target), metric.eval(b2_logits, b2_target)])
+    assert result['acc1'] == pytest.approx(80.0)
+    assert result['acc5'] == pytest.approx(100.0)  # 3 classes: top-5 clamps to top-3
+    assert result['samples'] == 5
+    p_right = math.exp(5) / (math.exp(5) + 2)
+    p_wrong = 1 / (math.exp(5) + 2)
+    expected_loss = (4 * -math.log(p_right) - math.log(p_wrong)) / 5
+    assert result['loss'] == pytest.approx(expected_loss, rel=1e-6)
+
+
+def test_gt_uses_one_key_and_direction():
+    acc = ImageClassificationMetric('acc1')
+    assert acc.gt({'acc1': 70.0, 'loss': 2.0}, {'acc1': 60.0, 'loss': 1.0})
+    assert not acc.gt({'acc1': 50.0, 'loss': 0.5}, {'acc1': 60.0, 'loss': 1.0})
+    assert acc.gt({'acc1': 1.0}, None)
+    assert not acc.gt({'acc1': 99.0}, float('inf'))
+    loss = ImageClassificationMetric('loss')
+    assert loss.gt({'loss': 0.5}, {'loss': 1.0})  # lower loss is better
+    assert not loss.gt({'loss': 1.5}, {'loss': 1.0})
+
+
+def test_inside_dingengine_metric_serial_evaluator(tmp_path, monkeypatch):
+    """The metric runs in DI-engine's evaluator, which saves ckpt_best and stops at stop_value."""
+    monkeypatch.chdir(tmp_path)
+    images = torch.arange(10).float().view(10, 1)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
+    loader = torch.utils.data.DataLoader(list(zip(images, labels)), batch_size=4)  # batches 4, 4, 2
+
+    class Oracle:  # an eval-mode "policy" that is right on the first 7 samples
+        def forward(self, x):
+            idx = x.view(-1).long()
+            predicted = torch.where(idx < 7, labels[idx], (labels[idx] + 1) % 3)
+            return torch.nn.functional.one_hot(predicted, 3).float() * 4
+
+        def reset(self):
+            pass
+
+    saved = []
+    cfg = EasyDict(dict(eval_freq=1, stop_value=70.0, multi_gpu=False))
+    evaluator = MetricSerialEvaluator(cfg, [loader, ImageClassificationMetric()], Oracle(), exp_name='exp')
+    stop, result = evaluator.eval(saved.append, train_iter=5)
+    assert result['acc1'] == pytest.approx(70.0) and result['samples'] == 10
+    assert saved == ['ckpt_best.pth.tar']
+    assert stop  # 70 >= stop_value 70

@@ -1,0 +1,133 @@
+import copy
+
+import pytest
+import torch
+from ding.utils import POLICY_REGISTRY
+
+from dizoo_imgcls.config import default_config
+from dizoo_imgcls.policy import ImageClassificationPolicy, lr_schedule_curve, scaled_lr
+
+
+def make_policy(**learn):
+    cfg = default_config().policy
+    cfg.cuda = False
+    cfg.model.num_classes = 4
+    cfg.learn.update(dict(batch_size=8, train_epoch=2, iters_per_epoch=5, warmup_epochs=0, amp='none',
+                          lr_per_256=3.2, weight_decay=1e-4))
+    cfg.learn.update(learn)
+    return ImageClassificationPolicy(cfg, enable_field=['learn', 'eval'])
+
+
+def fixed_batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (8, 3, 32, 32), generator=g, dtype=torch.uint8)
+    return [images, torch.arange(8) % 4]
+
+
+def test_registered_in_dingengine_registry():
+    assert POLICY_REGISTRY.get('image_classification') is ImageClassificationPolicy
+
+
+def test_one_step_lowers_loss_on_a_fixed_batch():
+    torch.manual_seed(0)
+    policy = make_policy()
+    batch = fixed_batch()
+    first = policy.learn_mode.forward(batch)
+    for value in first.values():
+        assert isinstance(value, (int, float)), first
+    assert set(policy.learn_mode.monitor_vars()) <= set(first)
+    second = policy.learn_mode.forward(batch)
+    assert second['loss'] < first['loss']
+    assert first['grad_norm'] > 0
+
+
+def test_bf16_autocast_step_runs_and_learns():
+    torch.manual_seed(0)
+    policy = make_policy(amp='bf16')
+    batch = fixed_batch()
+    losses = [policy.learn_mode.forward(batch)['loss'] for _ in range(3)]
+    assert losses[-1] < losses[0]
+
+
+def test_lr_is_scaled_by_global_batch_and_no_decay_on_bn_and_bias():
+    policy = make_policy(lr_schedule='cosine')
+    optimizer = policy._optimizer
+    assert optimizer.param_groups[0]['lr'] == pytest.approx(scaled_lr(3.2, 8)) == pytest.approx(0.1)
+    decayed, plain = optimizer.param_groups
+    assert decayed['weight_decay'] == 1e-4 and plain['weight_decay'] == 0.0
+    assert all(p.ndim > 1 for p in decayed['params']) and all(p.ndim == 1 for p in plain['params'])
+    n_bn_and_bias = sum(1 for m in policy._model.modules() if isinstance(m, torch.nn.BatchNorm2d)) * 2 + 1
+    assert len(plain['params']) == n_bn_and_bias  # BN weight + bias per layer, + the fc bias
+
+
+def test_state_dict_round_trip_continues_identically():
+    torch.manual_seed(0)
+    a = make_policy()
+    for seed in range(3):
+        a.learn_mode.forward(fixed_batch(seed))
+    state = copy.deepcopy(a.learn_mode.state_dict())
+    assert state['iteration'] == 3 and {'model', 'optimizer', 'lr_scheduler', 'epoch'} <= set(state)
+    b = make_policy()
+    b.learn_mode.load_state_dict(state)
+    out_a = a.learn_mode.forward(fixed_batch(9))
+    out_b = b.learn_mode.forward(fixed_batch(9))
+    assert out_a['loss'] == out_b['loss'] and out_a['lr'] == out_b['lr']
+    for pa, pb in zip(a._model.parameters(), b._model.parameters()):
+        assert torch.equal(pa, pb)
+
+
+def test_eval_mode_returns_float_logits():
+    policy = make_policy()
+    logits = policy.eval_mode.forward(fixed_batch()[0])
+    assert logits.shape == (8, 4) and logits.dtype == torch.float32
+
+
+def test_collect_mode_is_not_implemented():
+    policy = make_policy()
+    with pytest.raises(NotImplementedError):
+        policy._forward_collect({0: None})
+    with pytest.raises(NotImplementedError):
+        policy._process_transition(None, {}, None)
+    with pytest.raises(NotImplementedError):
+        policy._get_train_sample([])
+    cfg = copy.deepcopy(policy._cfg)
+    with pytest.raises(NotImplementedError):
+        ImageClassificationPolicy(cfg)  # collect is among the default enabled fields
+
+
+def test_zero_init_residual_and_msra_init():
+    policy = make_policy()
+    backbone = policy._model.backbone
+    assert torch.count_nonzero(backbone.layer1[0].bn2.weight) == 0
+    assert torch.all(backbone.bn1.weight == 1)
+    std = backbone.conv1.weight.std().item()
+    expected = (2.0 / (64 * 7 * 7)) ** 0.5  # kaiming normal, fan_out
+    assert abs(std - expected) / expected < 0.1
+
+
+def schedule(name, **kw):
+    base = dict(schedule=name, total_iters=100, warmup_iters=10, warmup_start_factor=0.1, final_lr_factor=0.0)
+    base.update(kw)
+    return lr_schedule_curve(base, lr=1.0, iters=100)
+
+
+def test_warmup_then_cosine():
+    lr = schedule('cosine')
+    assert lr[0] == pytest.approx(0.1)
+    assert lr[5] == pytest.approx(0.1 + 0.9 * 5 / 10)
+    assert lr[10] == pytest.approx(1.0)
+    assert lr[55] == pytest.approx(0.5, abs=1e-6)  # half-way through the cosine
+    assert lr[99] < 0.001
+
+
+def test_warmup_then_step():
+    lr = schedule('step', step_milestones=[50, 80], step_gamma=0.1)
+    assert lr[10] == pytest.approx(1.0) and lr[49] == pytest.approx(1.0)
+    assert lr[50] == pytest.approx(0.1) and lr[80] == pytest.approx(0.01)
+
+
+def test_onecycle_peaks_after_warmup_and_anneals():
+    lr = schedule('onecycle')
+    assert lr[0] == pytest.approx(0.1)
+    assert max(lr) == pytest.approx(1.0, abs=1e-3) and lr.index(max(lr)) in (9, 10, 11)
+    assert lr[-1] < 0.01
