@@ -26,9 +26,9 @@ TOP_CONFIG = dict(
     eval_every=1,
 )
 
-# Sections whose keys are free-form: model keyword arguments differ between models, and DI-engine's
+# Sections whose keys are free-form: data options and model keyword arguments differ between types, and DI-engine's
 # learner and evaluator settings are validated by DI-engine itself.
-OPEN_SECTIONS = ('policy.model', 'policy.learn.learner', 'policy.eval.evaluator')
+OPEN_SECTIONS = ('data.options', 'policy.model', 'policy.learn.learner', 'policy.eval.evaluator')
 
 
 class ConfigError(ValueError):

@@ -16,7 +16,7 @@ from ding.worker import BaseLearner, MetricSerialEvaluator
 from easydict import EasyDict
 from tensorboardX import SummaryWriter
 
-from .data import build_loaders
+from .data import EvalEvent, build_loaders
 from .hooks import TrainLoggerHook
 from .metric import ImageClassificationMetric
 from .policy import ImageClassificationPolicy
@@ -82,6 +82,15 @@ def write_json(path: str, payload: Dict) -> None:
     os.replace(tmp, path)
 
 
+def log_skipped_files(dataset, tb, epoch: int) -> None:
+    """Datasets that replace unreadable files expose ``skipped_files()`` (a count over all workers)."""
+    if hasattr(dataset, 'skipped_files'):
+        skipped = dataset.skipped_files()
+        tb.add_scalar('data/skipped', skipped, epoch)
+        if skipped:
+            logger.warning(f'epoch {epoch}: {skipped} unreadable training file(s) skipped so far (see train.log)')
+
+
 def train(cfg: EasyDict) -> Dict:
     """Train and evaluate as ``cfg`` says; returns the summary that is also written to summary.json."""
     start = time.time()
@@ -135,10 +144,15 @@ def train(cfg: EasyDict) -> Dict:
             for batch in data.train_loader:
                 learner.train(batch)
         policy.learn_mode.set_attribute('epoch', epoch)
+        log_skipped_files(data.train_loader.dataset, tb, epoch)
         if epoch % cfg.eval_every and epoch != epochs:
             continue
         stop, metrics = evaluator.eval(learner.save_checkpoint, learner.train_iter)
         log_hook.log_eval(metrics, epoch, learner.train_iter)
+        if rank == 0:
+            event = EvalEvent(policy.eval_mode, tb, epoch, learner.train_iter, exp_dir, epoch == epochs or stop, metrics)
+            for callback in data.eval_callbacks:
+                callback(event)
         if metric.gt(metrics, best):
             best, best_epoch = metrics, epoch
         if stop:

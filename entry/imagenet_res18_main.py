@@ -24,6 +24,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help='override a config key, e.g. --set policy.learn.batch_size=128 (repeatable)')
     parser.add_argument('--demo', action='store_true',
                         help='train on the handwritten digits shipped with scikit-learn (no download)')
+    parser.add_argument('--check-data', action='store_true',
+                        help='scan the train and val folders, list every unreadable image, exit 1 if any; no training')
     return parser.parse_args(argv)
 
 
@@ -61,10 +63,13 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
-    if not cfg.data.root:
+    if cfg.data.type == 'image_folder' and not cfg.data.root:
         print('error: no data root: pass --data-root DIR (or set $IMAGENET_ROOT) with the layout '
               f'{EXPECTED_LAYOUT}, or run with --demo to train on bundled digits', file=sys.stderr)
         return 2
+    if args.check_data:
+        from dizoo_imgcls.data.check import check_data_folders
+        return check_data_folders(cfg.data)
     try:
         train(cfg)
     except DataLayoutError as e:

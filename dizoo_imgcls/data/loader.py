@@ -1,9 +1,10 @@
 """Loader factory: datasets, shard samplers and DataLoaders from the ``data`` config section."""
 import os
-from dataclasses import dataclass
-from typing import Dict, List
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List
 
 import torch
+from ding.utils.registry import Registry
 from torch.utils.data import DataLoader
 
 from .folder import ImageFolderSplit, class_index
@@ -11,6 +12,8 @@ from .sampler import DistributedSampler, TrainBatchSampler
 from .transforms import EvalPreset, TrainPreset
 
 DATA_CONFIG = dict(
+    # (str) Data source: 'image_folder' (ImageNet layout below) or another type registered in DATA_REGISTRY.
+    type='image_folder',
     # (str) Folder holding train/<class>/* and val/<class>/*. --data-root or $IMAGENET_ROOT override it.
     root=None,
     # (int) Side of the square training and evaluation crops, in px.
@@ -25,16 +28,35 @@ DATA_CONFIG = dict(
     num_workers=None,
     # (bool) Let libjpeg decode eval JPEGs at 1/2, 1/4 or 1/8 scale when they are far larger than needed.
     jpeg_draft=True,
+    # (dict) Settings read only by a non-folder data type (free-form), e.g. the OVERFIT demo's word and size.
+    options=dict(),
 )
+
+DATA_REGISTRY = Registry()
 
 
 @dataclass
-class ImageFolderData:
+class EvalEvent:
+    """What an eval callback sees after each evaluation (rank 0 only)."""
+    policy: Any  # DI-engine eval-mode policy: policy.forward(batch) -> logits
+    tb: Any  # TensorBoard writer
+    epoch: int
+    iteration: int
+    exp_dir: str
+    final: bool
+    metrics: Dict[str, float]
+
+
+@dataclass
+class ClassificationData:
+    """What a data builder returns: loaders, the train sampler (for set_epoch), class names, and optional
+    callbacks run after each evaluation (e.g. to log a prediction image)."""
     train_loader: DataLoader
     val_loader: DataLoader
     train_sampler: DistributedSampler
     val_sampler: DistributedSampler
     class_names: List[str]
+    eval_callbacks: List[Callable[[EvalEvent], None]] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
@@ -61,9 +83,18 @@ def build_datasets(data_cfg: Dict):
 
 
 def build_loaders(data_cfg: Dict, batch_size: int, eval_batch_size: int, rank: int = 0, world_size: int = 1,
-                  seed: int = 0) -> ImageFolderData:
-    """Train and val loaders for this rank. Per-rank batch sizes; the global batch is ``batch_size * world``."""
-    train_set, val_set = build_datasets(data_cfg)
+                  seed: int = 0) -> ClassificationData:
+    """Train and val loaders for this rank from the ``data`` config, by ``data.type``.
+
+    Batch sizes are per rank; the global batch is ``batch_size * world_size``."""
+    if data_cfg['type'] not in DATA_REGISTRY:
+        raise ValueError(f"data.type '{data_cfg['type']}' is not one of: {', '.join(sorted(DATA_REGISTRY))}")
+    return DATA_REGISTRY[data_cfg['type']](data_cfg, batch_size, eval_batch_size, rank, world_size, seed)
+
+
+def wrap_loaders(train_set, val_set, data_cfg: Dict, batch_size: int, eval_batch_size: int, rank: int,
+                 world_size: int, seed: int, class_names: List[str]) -> ClassificationData:
+    """Shard samplers and DataLoaders around any pair of map-style datasets."""
     workers = data_cfg['num_workers']
     workers = default_num_workers() if workers is None else workers
     common = dict(
@@ -79,4 +110,12 @@ def build_loaders(data_cfg: Dict, batch_size: int, eval_batch_size: int, rank: i
     train_loader = DataLoader(train_set, batch_sampler=TrainBatchSampler(train_sampler, batch_size),
                               generator=generator, **common)
     val_loader = DataLoader(val_set, batch_size=eval_batch_size, sampler=val_sampler, **common)
-    return ImageFolderData(train_loader, val_loader, train_sampler, val_sampler, list(train_set.classes))
+    return ClassificationData(train_loader, val_loader, train_sampler, val_sampler, list(class_names))
+
+
+@DATA_REGISTRY.register('image_folder')
+def build_image_folder_loaders(data_cfg: Dict, batch_size: int, eval_batch_size: int, rank: int, world_size: int,
+                               seed: int) -> ClassificationData:
+    train_set, val_set = build_datasets(data_cfg)
+    return wrap_loaders(train_set, val_set, data_cfg, batch_size, eval_batch_size, rank, world_size, seed,
+                        train_set.classes)

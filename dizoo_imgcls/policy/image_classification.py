@@ -10,7 +10,7 @@ from ding.policy import Policy
 from ding.utils import POLICY_REGISTRY
 
 from ..model import build_model_from_cfg
-from .optim import build_lr_scheduler, build_sgd, param_groups_no_bn_bias_decay, scaled_lr
+from .optim import build_lr_scheduler, build_optimizer, param_groups_no_bn_bias_decay, scaled_lr
 
 AMP_MODES = ('auto', 'bf16', 'fp16', 'none')
 
@@ -70,10 +70,14 @@ class ImageClassificationPolicy(Policy):
             iters_per_epoch=None,
             # (float) Peak learning rate per 256 images: lr = lr_per_256 x global batch / 256.
             lr_per_256=0.1,
+            # (str) Optimizer: 'sgd' (with momentum; the ImageNet standard), 'adam' or 'adamw'.
+            optimizer='sgd',
             # (float) SGD momentum.
             momentum=0.9,
             # (bool) Nesterov momentum.
             nesterov=False,
+            # (list) Adam/AdamW betas.
+            adam_betas=[0.9, 0.999],
             # (float) L2 weight decay on conv and linear weights; never on BN parameters or biases.
             weight_decay=1e-4,
             # (str) LR schedule after warmup, stepped every iteration: 'cosine', 'step' or 'onecycle'.
@@ -148,8 +152,9 @@ class ImageClassificationPolicy(Policy):
         self._world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         self._global_batch = cfg.batch_size * self._world_size
         self._peak_lr = scaled_lr(cfg.lr_per_256, self._global_batch)
-        self._optimizer = build_sgd(
-            param_groups_no_bn_bias_decay(self._model, cfg.weight_decay), self._peak_lr, cfg.momentum, cfg.nesterov
+        self._optimizer = build_optimizer(
+            cfg.optimizer, param_groups_no_bn_bias_decay(self._model, cfg.weight_decay), self._peak_lr,
+            momentum=cfg.momentum, nesterov=cfg.nesterov, betas=cfg.adam_betas,
         )
         self._lr_scheduler = build_lr_scheduler(
             self._optimizer,

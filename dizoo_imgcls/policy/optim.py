@@ -25,8 +25,19 @@ def param_groups_no_bn_bias_decay(model: torch.nn.Module, weight_decay: float) -
     ]
 
 
-def build_sgd(params: Iterable, lr: float, momentum: float, nesterov: bool) -> torch.optim.SGD:
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
+OPTIMIZERS = ('sgd', 'adam', 'adamw')
+
+
+def build_optimizer(name: str, params: Iterable, lr: float, momentum: float = 0.9, nesterov: bool = False,
+                    betas: Sequence[float] = (0.9, 0.999)) -> torch.optim.Optimizer:
+    """SGD with (nesterov) momentum, the ImageNet default; Adam/AdamW for small nets and toy problems."""
+    if name == 'sgd':
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
+    if name == 'adam':
+        return torch.optim.Adam(params, lr=lr, betas=tuple(betas))
+    if name == 'adamw':
+        return torch.optim.AdamW(params, lr=lr, betas=tuple(betas))
+    raise ValueError(f"policy.learn.optimizer must be one of {OPTIMIZERS}, got '{name}'")
 
 
 def build_lr_scheduler(
