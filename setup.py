@@ -15,10 +15,19 @@ setup(
         'tensorboardX>=2.6',
         'easydict',
         'numpy',
-        'pillow',
+        'pillow>=10.1',  # ImageFont.load_default(size=) renders the OVERFIT demo's word
         'scikit-learn',  # ships the handwritten-digits images used by --demo
+        'simplejpeg>=1.9',  # libjpeg-turbo decoding straight to reduced scale (data loader speed)
+        'psutil',  # peak memory in summary.json, worker memory in benchmarks
+        'cleanlab>=2.6',  # ranking of likely label errors (entry/find_label_issues.py)
+        # ONNX export (entry/export.py): onnxscript runs torch.onnx's exporter, onnxruntime checks the result.
+        # onnx 1.23 needs protobuf>=6, which DI-engine's wandb<=0.19 pin (protobuf<6) rules out.
+        'onnx>=1.22,<1.23',
+        'onnxscript>=0.7',
+        'onnxruntime>=1.32',
     ],
     extras_require={
+        # tensorboard: tests read event files and query a live TensorBoard server over HTTP
         'test': ['pytest>=7', 'tensorboard>=2.12'],
     },
 )

@@ -4,6 +4,7 @@ import copy
 import difflib
 import importlib.util
 import os
+import pprint
 from typing import Any, Dict, Iterable, List
 
 from ding.utils import deep_merge_dicts
@@ -24,6 +25,16 @@ TOP_CONFIG = dict(
     log_every=20,
     # (int) Evaluate every this many epochs (and always after the last one).
     eval_every=1,
+    # (str) Resume from this checkpoint file, or 'auto' for the newest one in output_dir/exp_name/ckpt.
+    resume=None,
+    # (bool) Deterministic kernels, for bit-exact repeat runs and resumes (can be slower).
+    deterministic=False,
+    checkpoint=dict(
+        # (int) Step checkpoints (epoch_N / iter_N) to keep; ckpt_best.pth.tar is always kept. 0 keeps all.
+        keep_last=3,
+        # (int) Also checkpoint every N iterations inside an epoch (0: only at epoch ends).
+        every_n_iters=0,
+    ),
 )
 
 # Sections whose keys are free-form: data options and model keyword arguments differ between types, and DI-engine's
@@ -41,8 +52,8 @@ def default_config() -> EasyDict:
     policy = ImageClassificationPolicy.default_config()
     policy.learn.learner = deep_merge_dicts(BaseLearner.default_config(), policy.learn.learner)
     # Our TrainLoggerHook replaces DI-engine's tabulated log_show hook (same numbers, one line, plus img/s).
-    # Checkpoints are written per epoch by the entry and by the evaluator (best); not every N iterations.
-    for hook_key in ('log_show_after_iter', 'save_ckpt_after_iter'):
+    # Checkpoints come from our CheckpointHook and the run (atomic, full state), not DI-engine's save hooks.
+    for hook_key in ('log_show_after_iter', 'save_ckpt_after_iter', 'save_ckpt_after_run'):
         del policy.learn.learner.hook[hook_key]
     policy.eval.evaluator = deep_merge_dicts(MetricSerialEvaluator.default_config(), policy.eval.evaluator)
     cfg['policy'] = policy
@@ -133,3 +144,12 @@ def build_config(user_config: Dict, overrides: Iterable[str] = (), source: str =
     for assignment in overrides:
         apply_override(cfg, assignment)
     return EasyDict(cfg)
+
+
+def save_config_file(cfg: Dict, path: str) -> None:
+    """Write the compiled config as a config file that ``--config`` accepts again."""
+    from .checkpoint import to_plain
+    text = pprint.pformat(to_plain(cfg), width=110, sort_dicts=False)
+    with open(path, 'w') as f:
+        f.write('# Compiled config of this run: python entry/imagenet_res18_main.py --config THIS_FILE\n')
+        f.write(f'main_config = {text}\n')

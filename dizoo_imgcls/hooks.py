@@ -1,14 +1,27 @@
-"""Console and TensorBoard logging as a DI-engine ``LearnerHook`` (rank 0 only)."""
+"""Console and TensorBoard logging as DI-engine ``LearnerHook``s (rank 0 only), and the checkpoint hook.
+
+On an interactive terminal the console shows one progress bar per epoch; anywhere else (CI, pipes, files)
+it shows one plain line every ``log_every`` iterations. Both end each epoch with one summary line, and
+``train.log`` always gets the plain lines.
+"""
 import logging
+import os
+import sys
 import time
-from typing import Dict, Optional
+from contextlib import ExitStack
+from typing import Any, Callable, Dict, Mapping, Optional, TextIO
 
 from ding.worker.learner.learner_hook import LearnerHook
+
+from .checkpoint import atomic_torch_save
+from .summary import cuda_max_allocated_mb, peak_rss_mb
 
 logger = logging.getLogger('dizoo_imgcls')
 
 # Stable TensorBoard tags: dashboards and tests rely on these names.
-TRAIN_TAGS = {'loss': 'train/loss', 'lr': 'train/lr', 'acc1': 'train/acc1', 'img_per_sec': 'train/img_per_sec'}
+TRAIN_TAGS = {'loss': 'train/loss', 'lr': 'train/lr', 'acc1': 'train/acc1', 'img_per_sec': 'train/img_per_sec',
+              'data_time': 'train/data_time', 'data_wait_share': 'train/data_wait_share',
+              'peak_rss_mb': 'train/peak_rss_mb', 'cuda_max_allocated_mb': 'train/cuda_max_allocated_mb'}
 EVAL_TAGS = {'acc1': 'eval/acc1', 'acc5': 'eval/acc5', 'loss': 'eval/loss'}
 
 
@@ -18,15 +31,68 @@ def format_duration(seconds: float) -> str:
     return f'{hours}:{rem // 60:02d}:{rem % 60:02d}'
 
 
+def use_progress_bar(stream: Optional[TextIO] = None, rank: int = 0,
+                     environ: Optional[Mapping[str, str]] = None) -> bool:
+    """A live bar only for rank 0 writing to an interactive terminal; CI logs, pipes and files get plain lines
+    (a bar there is a stream of carriage returns)."""
+    stream = sys.stdout if stream is None else stream
+    environ = os.environ if environ is None else environ
+    if rank != 0 or environ.get('CI', '').lower() in ('1', 'true') or environ.get('TERM') == 'dumb':
+        return False
+    isatty = getattr(stream, 'isatty', None)
+    return bool(isatty is not None and isatty())
+
+
+def log_to_files_only(message: str) -> None:
+    """Write an INFO record to the log files of our logger but not to the console (where the bar is)."""
+    record = logger.makeRecord(logger.name, logging.INFO, __file__, 0, message, None, None)
+    for handler in logger.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+class _Stats:
+    """Sums over a span of iterations (a logging window or an epoch)."""
+
+    def __init__(self) -> None:
+        self.iters, self.loss, self.acc1, self.images, self.wall, self.step = 0, 0.0, 0.0, 0, 0.0, 0.0
+
+    def add(self, out: Dict[str, float], images: int, wall: float) -> None:
+        self.iters += 1
+        self.loss += out['loss']
+        self.acc1 += out['acc1']
+        self.images += images
+        self.wall += wall
+        self.step += out['step_time']
+
+    def mean(self, key: str) -> float:
+        return getattr(self, key) / max(self.iters, 1)
+
+    @property
+    def img_per_sec(self) -> float:
+        return self.images / max(self.wall, 1e-9)
+
+    @property
+    def data_wait(self) -> float:
+        """Seconds spent waiting for data: the wall time not spent in the policy's step."""
+        return max(self.wall - self.step, 0.0)
+
+    @property
+    def data_wait_share(self) -> float:
+        return self.data_wait / self.wall if self.wall > 0 else 0.0
+
+
 class TrainLoggerHook(LearnerHook):
-    """Every ``log_every`` iterations: one console line and the ``train/*`` scalars, averaged over the window.
+    """Every ``log_every`` iterations the ``train/*`` scalars (averaged over the window) and a plain line; a
+    progress bar per epoch instead of the console lines when ``progress_bar`` (default: ``use_progress_bar``);
+    a summary line at the end of each epoch.
 
     Timing: ``step_time`` comes from the policy (forward, backward, update); the rest of the wall time
-    between two iterations is spent waiting for data, reported as ``data``.
+    between two iterations is spent waiting for data, reported as ``data`` and ``train/data_wait_share``.
     """
 
     def __init__(self, tb_logger, log_every: int, total_iters: int, iters_per_epoch: int, world_size: int = 1,
-                 rank: int = 0) -> None:
+                 rank: int = 0, progress_bar: Optional[bool] = None, stream: Optional[TextIO] = None) -> None:
         super().__init__('dizoo_imgcls_train_logger', priority=15, position='after_iter')
         self._tb = tb_logger
         self._every = max(1, int(log_every))
@@ -34,14 +100,15 @@ class TrainLoggerHook(LearnerHook):
         self._per_epoch = iters_per_epoch
         self._world = world_size
         self._rank = rank
+        self._stream = stream
+        self.progress_bar = use_progress_bar(stream, rank) if progress_bar is None else progress_bar and rank == 0
+        self._bar, self._bar_context = None, ExitStack()
         self._last_end: Optional[float] = None
-        self._window = self._empty_window()
+        self._window, self._epoch = _Stats(), _Stats()
+        self._iters_done = 0  # in this process: a resumed run's ETA must not count the iterations before it
         self.images_seen = 0
         self.train_seconds = 0.0
-
-    @staticmethod
-    def _empty_window() -> Dict[str, float]:
-        return dict(iters=0, loss=0.0, acc1=0.0, images=0, wall=0.0, step=0.0)
+        self.data_wait_seconds = 0.0
 
     def mark_epoch_start(self) -> None:
         """Call before the first batch of an epoch, so eval time is not counted as data time."""
@@ -55,35 +122,74 @@ class TrainLoggerHook(LearnerHook):
         images = out['batch_size'] * self._world
         self.images_seen += images
         self.train_seconds += wall
-        w = self._window
-        w['iters'] += 1
-        w['loss'] += out['loss']
-        w['acc1'] += out['acc1']
-        w['images'] += images
-        w['wall'] += wall
-        w['step'] += out['step_time']
+        self.data_wait_seconds += max(wall - out['step_time'], 0.0)
+        self._iters_done += 1
+        self._window.add(out, images, wall)
+        self._epoch.add(out, images, wall)
         iteration = engine.last_iter.val + 1  # the learner counts this iteration only after its hooks
-        if self._rank == 0 and (iteration % self._every == 0 or iteration == self._total):
-            self._flush(iteration, out['lr'])
+        if self._rank == 0:
+            if self.progress_bar:
+                self._advance_bar(iteration)
+            if iteration % self._every == 0 or iteration == self._total:
+                self._flush(iteration, out['lr'])
+            if iteration % self._per_epoch == 0 or iteration == self._total:
+                self._end_epoch(iteration)
         if iteration % self._every == 0:
-            self._window = self._empty_window()
+            self._window = _Stats()
+        if iteration % self._per_epoch == 0:
+            self._epoch = _Stats()
+
+    def _eta(self, iteration: int) -> float:
+        return (self._total - iteration) * self.train_seconds / max(self._iters_done, 1)
+
+    def _epoch_of(self, iteration: int) -> int:
+        return (iteration - 1) // self._per_epoch + 1
+
+    def _advance_bar(self, iteration: int) -> None:
+        if self._bar is None:
+            from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            epochs = -(-self._total // self._per_epoch)
+            position = (iteration - 1) % self._per_epoch  # > 0 when resumed mid-epoch
+            self._bar = tqdm(total=self._per_epoch, initial=position, unit='it', dynamic_ncols=True,
+                             desc=f'epoch {self._epoch_of(iteration)}/{epochs}', file=self._stream or sys.stdout)
+            self._bar_context.enter_context(logging_redirect_tqdm([logger]))  # log lines print above the bar
+        e = self._epoch
+        self._bar.set_postfix_str(f'loss {e.mean("loss"):.4f} {e.img_per_sec:.1f} img/s '
+                                  f'eta {format_duration(self._eta(iteration))}', refresh=False)
+        self._bar.update(1)
+
+    def _close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+            self._bar_context.close()
 
     def _flush(self, iteration: int, lr: float) -> None:
         w = self._window
-        n = max(w['iters'], 1)
-        loss, acc1 = w['loss'] / n, w['acc1'] / n
-        img_per_sec = w['images'] / max(w['wall'], 1e-9)
-        data_time = max(w['wall'] - w['step'], 0.0) / n
-        eta = (self._total - iteration) * (self.train_seconds / max(iteration, 1))
-        epoch = (iteration - 1) // self._per_epoch + 1
-        logger.info(
-            f'epoch {epoch} iter {iteration}/{self._total} loss {loss:.4f} lr {lr:.4g} acc1 {acc1:.1f} '
-            f'data {data_time * 1000:.0f}ms step {w["step"] / n * 1000:.0f}ms {img_per_sec:.1f} img/s '
-            f'eta {format_duration(eta)}'
-        )
-        for key, value in (('loss', loss), ('lr', lr), ('acc1', acc1), ('img_per_sec', img_per_sec)):
-            self._tb.add_scalar(TRAIN_TAGS[key], value, iteration)
-        self._tb.add_scalar('train/data_time', data_time, iteration)
+        line = (f'epoch {self._epoch_of(iteration)} iter {iteration}/{self._total} loss {w.mean("loss"):.4f} '
+                f'lr {lr:.4g} acc1 {w.mean("acc1"):.1f} data {w.data_wait / max(w.iters, 1) * 1000:.0f}ms '
+                f'step {w.mean("step") * 1000:.0f}ms {w.img_per_sec:.1f} img/s eta '
+                f'{format_duration(self._eta(iteration))}')
+        if self.progress_bar:
+            log_to_files_only(line)
+        else:
+            logger.info(line)
+        scalars = {'loss': w.mean('loss'), 'lr': lr, 'acc1': w.mean('acc1'), 'img_per_sec': w.img_per_sec,
+                   'data_time': w.data_wait / max(w.iters, 1), 'data_wait_share': w.data_wait_share,
+                   'peak_rss_mb': peak_rss_mb(), 'cuda_max_allocated_mb': cuda_max_allocated_mb()}
+        for key, value in scalars.items():
+            if value is not None:
+                self._tb.add_scalar(TRAIN_TAGS[key], value, iteration)
+
+    def _end_epoch(self, iteration: int) -> None:
+        self._close_bar()
+        e, rss = self._epoch, peak_rss_mb()
+        memory = f', peak memory {rss:.0f} MiB' if rss is not None else ''
+        logger.info(f'epoch {self._epoch_of(iteration)} done in {format_duration(e.wall)}: loss {e.mean("loss"):.4f} '
+                    f'acc1 {e.mean("acc1"):.1f}, {e.img_per_sec:.1f} img/s, data wait {e.data_wait_share:.0%}'
+                    f'{memory}, eta {format_duration(self._eta(iteration))}')
 
     def log_eval(self, metrics: Dict[str, float], epoch: int, iteration: int) -> None:
         if self._rank != 0:
@@ -99,3 +205,27 @@ class TrainLoggerHook(LearnerHook):
     @property
     def img_per_sec(self) -> float:
         return self.images_seen / self.train_seconds if self.train_seconds else 0.0
+
+    @property
+    def data_wait_share(self) -> float:
+        """Share of the training wall time of this process spent waiting for data."""
+        return self.data_wait_seconds / self.train_seconds if self.train_seconds else 0.0
+
+
+class CheckpointHook(LearnerHook):
+    """Takes the place of DI-engine's ``SaveCkptHook`` under the name ``BaseLearner.save_checkpoint`` looks
+    for, so ``learner.save_checkpoint(name)`` (which ``MetricSerialEvaluator`` calls for ``ckpt_best``) writes
+    the run's full state atomically. Epoch checkpoints are written by the run itself; a plain ``after_run``
+    call without a name writes nothing, as the last epoch checkpoint already holds that state."""
+
+    def __init__(self, ckpt_dir: str, state_fn: Callable[[], Dict[str, Any]], rank: int = 0) -> None:
+        super().__init__('save_ckpt_after_run', priority=20, position='after_run')
+        self._dir = ckpt_dir
+        self._state_fn = state_fn
+        self._rank = rank
+
+    def __call__(self, engine) -> None:
+        if self._rank != 0 or not engine.ckpt_name:
+            return
+        atomic_torch_save(self._state_fn(), os.path.join(self._dir, engine.ckpt_name))
+        logger.info(f'saved {engine.ckpt_name}')

@@ -1,5 +1,8 @@
-"""Top-1 / top-5 accuracy and cross-entropy, exact over the whole eval set (and across ranks)."""
-from typing import Any, Dict, List, Optional, Union
+"""Top-1 / top-5 accuracy and cross-entropy, exact over the whole eval set (and across ranks), and optionally
+a confusion matrix and the most confident mistakes of the same pass (``DiagnosticMetric``)."""
+import heapq
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -65,3 +68,100 @@ class ImageClassificationMetric(IMetric):
         a = metric1[self.key]
         b = metric2[self.key] if isinstance(metric2, dict) else float(metric2)
         return a <= b if self.lower_is_better else a >= b
+
+
+@dataclass(order=True)
+class Mistake:
+    """One wrongly classified eval sample; orders by confidence (the predicted class's probability)."""
+    confidence: float
+    index: int  # index into the eval dataset
+    target: int
+    predicted: int
+
+
+@dataclass
+class EvalDiagnostics:
+    """What one eval pass saw beyond the averages, summed over all ranks."""
+    confusion: torch.Tensor  # int64 (classes, classes), [true, predicted]
+    mistakes: List[Mistake]  # the most confident mistakes, most confident first
+
+    def per_class_accuracy(self) -> torch.Tensor:
+        """Top-1 accuracy in % per true class; NaN for a class with no eval sample."""
+        totals = self.confusion.sum(dim=1).double()
+        return 100.0 * self.confusion.diagonal().double() / totals  # 0 / 0 -> NaN
+
+
+class DiagnosticMetric(ImageClassificationMetric):
+    """``ImageClassificationMetric`` that, in the same pass, also sums a confusion matrix and keeps the
+    ``keep_mistakes`` most confident mistakes with their dataset indices (a bounded heap: O(batch) per batch).
+
+    The eval loader must yield samples in the order of ``sampler`` (this rank's dataset indices), which is
+    how a DataLoader with ``sampler=`` works; the n-th sample seen in a pass is the n-th index it yields.
+    ``reduce_mean`` ends a pass: the result of the pass is ``last_diagnostics`` (the same on every rank).
+    """
+
+    def __init__(self, key: str = 'acc1', num_classes: int = 2, sampler: Optional[Iterable[int]] = None,
+                 keep_mistakes: int = 16, topk=(1, 5)) -> None:
+        super().__init__(key, topk)
+        self.num_classes = int(num_classes)
+        self.keep_mistakes = int(keep_mistakes)
+        self._sampler = sampler
+        self.last_diagnostics: Optional[EvalDiagnostics] = None
+        self._start_pass()
+
+    def _start_pass(self) -> None:
+        self._confusion = torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64)
+        self._heap: List[Mistake] = []
+        self._order: Optional[List[int]] = None
+        self._seen = 0
+
+    def _dataset_indices(self, n: int) -> List[int]:
+        if self._order is None:
+            self._order = list(self._sampler) if self._sampler is not None else None
+        start, self._seen = self._seen, self._seen + n
+        if self._order is None:
+            return list(range(start, start + n))
+        if self._seen > len(self._order):
+            raise ValueError(f'the eval loader gave more samples than its sampler yields ({len(self._order)})')
+        return self._order[start:self._seen]
+
+    def eval(self, inputs: torch.Tensor, label: torch.Tensor) -> Dict[str, float]:
+        out = super().eval(inputs, label)
+        logits, label = inputs.float(), label.long().view(-1).cpu()
+        if logits.shape[1] != self.num_classes:
+            raise ValueError(f'the model gives {logits.shape[1]} logits per sample, the metric expects '
+                             f'num_classes={self.num_classes}')
+        confidence, predicted = torch.softmax(logits, dim=1).max(dim=1)
+        predicted, confidence = predicted.cpu(), confidence.cpu()
+        self._confusion += torch.bincount(label * self.num_classes + predicted,
+                                          minlength=self.num_classes ** 2).view(self.num_classes, -1)
+        self._keep(confidence, predicted, label, self._dataset_indices(label.numel()))
+        return out
+
+    def _keep(self, confidence: torch.Tensor, predicted: torch.Tensor, label: torch.Tensor,
+              indices: List[int]) -> None:
+        """Push the batch's most confident mistakes (at most ``keep_mistakes``) into the bounded heap."""
+        wrong = (predicted != label).nonzero().view(-1)
+        if not self.keep_mistakes or not wrong.numel():
+            return
+        for i in wrong[confidence[wrong].topk(min(self.keep_mistakes, wrong.numel())).indices].tolist():
+            mistake = Mistake(float(confidence[i]), indices[i], int(label[i]), int(predicted[i]))
+            if len(self._heap) < self.keep_mistakes:
+                heapq.heappush(self._heap, mistake)
+            elif mistake > self._heap[0]:
+                heapq.heapreplace(self._heap, mistake)
+
+    def reduce_mean(self, inputs: List[Dict[str, float]]) -> Dict[str, float]:
+        result = super().reduce_mean(inputs)
+        confusion, mistakes = self._confusion, list(self._heap)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            device = 'cuda' if dist.get_backend() == 'nccl' else 'cpu'
+            confusion = confusion.to(device)
+            dist.all_reduce(confusion)
+            confusion = confusion.cpu()
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, mistakes)
+            mistakes = [m for rank_mistakes in gathered for m in rank_mistakes]
+        self.last_diagnostics = EvalDiagnostics(confusion, heapq.nlargest(self.keep_mistakes, mistakes))
+        self._start_pass()
+        return result

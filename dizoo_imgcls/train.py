@@ -1,85 +1,32 @@
 """The training run: data -> policy -> DI-engine BaseLearner + MetricSerialEvaluator -> experiment folder."""
-import json
 import logging
 import os
-import sys
+import shutil
+import tempfile
 import time
 from contextlib import nullcontext
-from datetime import datetime
-from typing import Dict, Tuple
+from typing import Any, Dict
 
 import torch
-import torch.distributed as dist
-from ding.config import save_config_py
 from ding.utils import set_pkg_seed
 from ding.worker import BaseLearner, MetricSerialEvaluator
 from easydict import EasyDict
 from tensorboardX import SummaryWriter
 
+from .checkpoint import (CHECKPOINT_FORMAT, CheckpointError, atomic_torch_save, latest_checkpoint,
+                         load_checkpoint, prune_checkpoints, rng_state, set_rng_state, step_checkpoint_name,
+                         to_plain)
+from .config import save_config_file
 from .data import EvalEvent, build_loaders
-from .hooks import TrainLoggerHook
-from .metric import ImageClassificationMetric
+from .hooks import CheckpointHook, TrainLoggerHook
+from .metric import DiagnosticMetric
 from .policy import ImageClassificationPolicy
+from .runtime import (NullWriter, elastic_restart_count, experiment_dir, init_distributed, set_deterministic,
+                      setup_logging, write_json)
+from .summary import run_facts
+from .tb_visuals import TensorBoardVisuals, log_hparams
 
 logger = logging.getLogger('dizoo_imgcls')
-
-
-class NullWriter:
-    """Stands in for the TensorBoard writer on ranks other than 0, so exactly one process writes events."""
-
-    def __getattr__(self, name):
-        return lambda *args, **kwargs: None
-
-
-def init_distributed(use_cuda: bool) -> Tuple[int, int]:
-    """Join the process group torchrun describes in the environment; (rank, world_size)."""
-    world_size = int(os.environ.get('WORLD_SIZE', '1'))
-    if world_size > 1 and not dist.is_initialized():
-        cuda = use_cuda and torch.cuda.is_available()
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', '0')))
-        dist.init_process_group(backend='nccl' if cuda else 'gloo')
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def setup_logging(exp_dir: str = None, rank: int = 0) -> None:
-    log = logging.getLogger('dizoo_imgcls')
-    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    log.propagate = False
-    fmt = logging.Formatter('[%(asctime)s] %(message)s', datefmt='%m-%d %H:%M:%S')
-    if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) for h in log.handlers):
-        console = logging.StreamHandler(sys.stdout)
-        console.setFormatter(fmt)
-        log.addHandler(console)
-    if exp_dir is not None and rank == 0:
-        file_handler = logging.FileHandler(os.path.join(exp_dir, 'train.log'))
-        file_handler.setFormatter(fmt)
-        log.addHandler(file_handler)
-
-
-def make_exp_dir(cfg: EasyDict, rank: int) -> str:
-    """``output_dir/exp_name``, or ``..._YYmmdd_HHMMSS`` if that exists; the same path on every rank."""
-    path = os.path.abspath(os.path.join(cfg.output_dir, cfg.exp_name))
-    if os.path.exists(path) and os.listdir(path):
-        path = f"{path}_{datetime.now().strftime('%y%m%d_%H%M%S')}"
-    if dist.is_initialized():
-        holder = [path]
-        dist.broadcast_object_list(holder, src=0)
-        path = holder[0]
-    if rank == 0:
-        os.makedirs(path, exist_ok=True)
-    return path
-
-
-def write_json(path: str, payload: Dict) -> None:
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(payload, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def log_skipped_files(dataset, tb, epoch: int) -> None:
@@ -91,97 +38,222 @@ def log_skipped_files(dataset, tb, epoch: int) -> None:
             logger.warning(f'epoch {epoch}: {skipped} unreadable training file(s) skipped so far (see train.log)')
 
 
-def train(cfg: EasyDict) -> Dict:
-    """Train and evaluate as ``cfg`` says; returns the summary that is also written to summary.json."""
-    start = time.time()
-    rank, world_size = init_distributed(cfg.policy.cuda)
-    cfg.policy.learn.multi_gpu = world_size > 1
-    set_pkg_seed(cfg.seed + rank, use_cuda=cfg.policy.cuda and torch.cuda.is_available())
-    data = build_loaders(cfg.data, cfg.policy.learn.batch_size, cfg.policy.eval.batch_size, rank, world_size,
-                         cfg.seed)
+def prepare_config(cfg: EasyDict, data) -> None:
+    """Fill in what the data decides: class count and iterations per epoch."""
     if cfg.policy.model.num_classes is None:
         cfg.policy.model.num_classes = data.num_classes
     elif cfg.policy.model.num_classes < data.num_classes:
         raise ValueError(f'policy.model.num_classes={cfg.policy.model.num_classes} but the training folder '
                          f'has {data.num_classes} classes')
     cfg.policy.learn.iters_per_epoch = len(data.train_loader)
-    metric = ImageClassificationMetric(cfg.policy.eval.metric_key)
-    if cfg.policy.eval.evaluator.stop_value is None:
-        cfg.policy.eval.evaluator.stop_value = float('-inf') if metric.lower_is_better else float('inf')
 
-    exp_dir = make_exp_dir(cfg, rank)
-    setup_logging(exp_dir, rank)
-    if rank == 0:
-        save_config_py(cfg, os.path.join(exp_dir, 'total_config.py'))
-        write_json(os.path.join(exp_dir, 'classes.json'), data.class_names)
-    exp_name = os.path.relpath(exp_dir)  # DI-engine writes under './{exp_name}/...'
-    tb = SummaryWriter(os.path.join(exp_dir, 'tb')) if rank == 0 else NullWriter()
 
-    policy = ImageClassificationPolicy(cfg.policy, enable_field=['learn', 'eval'])
-    learner = BaseLearner(cfg.policy.learn.learner, policy.learn_mode, tb, exp_name=exp_name)
-    epochs = cfg.policy.learn.train_epoch
-    log_hook = TrainLoggerHook(tb, cfg.log_every, epochs * cfg.policy.learn.iters_per_epoch,
-                               cfg.policy.learn.iters_per_epoch, world_size, rank)
-    learner.register_hook(log_hook)
-    evaluator = MetricSerialEvaluator(cfg.policy.eval.evaluator, [data.val_loader, metric], policy.eval_mode, tb,
-                                      exp_name=exp_name)
-    for ding_logger in ('learner_logger', 'evaluator_logger'):
-        # DI-engine's tables stay in exp_dir/log/*; the console gets our one-line summaries instead.
-        logging.getLogger(ding_logger).propagate = False
-    logger.info(f'experiment: {exp_dir}')
-    logger.info(f'{len(data.train_loader.dataset)} train / {len(data.val_loader.dataset)} val images, '
-                f'{data.num_classes} classes, {cfg.policy.learn.iters_per_epoch} iterations per epoch, '
-                f'world size {world_size}')
+# What the LR schedule and the data order were built from: a resume must not change them silently.
+_RESUME_FIXED_KEYS = ('train_epoch', 'iters_per_epoch', 'batch_size', 'lr_schedule', 'lr_per_256', 'warmup_epochs')
 
-    metrics, best, best_epoch, epoch = {}, None, 0, 0
-    learner.call_hook('before_run')
-    learn_model = policy.learn_mode.get_attribute('learn_model')
-    for epoch in range(1, epochs + 1):
+
+def check_same_schedule(stored: Dict[str, Any], cfg: EasyDict, path: str) -> None:
+    changed = [f'policy.learn.{k}: {stored["policy"]["learn"][k]!r} -> {cfg.policy.learn[k]!r}'
+               for k in _RESUME_FIXED_KEYS if stored['policy']['learn'][k] != cfg.policy.learn[k]]
+    if changed:
+        raise CheckpointError(f'cannot resume {path} with a different schedule ({"; ".join(changed)}); '
+                              f'resume with the settings it was trained with, or fine-tune from it with '
+                              f'--set policy.model.pretrained={path}')
+
+
+class TrainingRun:
+    """One run of ``train``: owns the policy, DI-engine learner and evaluator, and the resumable state."""
+
+    def __init__(self, cfg: EasyDict) -> None:
+        self.start_time = time.time()
+        self.cfg = cfg
+        self.rank, self.world_size = init_distributed(cfg.policy.cuda)
+        cfg.policy.learn.multi_gpu = self.world_size > 1
+        set_deterministic(cfg.deterministic)
+        set_pkg_seed(cfg.seed + self.rank, use_cuda=cfg.policy.cuda and torch.cuda.is_available())
+        self.data = build_loaders(cfg.data, cfg.policy.learn.batch_size, cfg.policy.eval.batch_size, self.rank,
+                                  self.world_size, cfg.seed)
+        prepare_config(cfg, self.data)
+        # The exact metric plus, in the same val pass, a confusion matrix and the most confident mistakes.
+        self.metric = DiagnosticMetric(cfg.policy.eval.metric_key, cfg.policy.model.num_classes,
+                                       self.data.val_sampler)
+        if elastic_restart_count() > 0 and not cfg.resume:
+            cfg.resume = 'auto'  # torchrun --max-restarts brought the job back: continue from its checkpoints
+        self.exp_dir = experiment_dir(cfg)
+        self.ckpt_dir = os.path.join(self.exp_dir, 'ckpt')
+        setup_logging(self.exp_dir, self.rank)
+        self.tb = SummaryWriter(os.path.join(self.exp_dir, 'tb')) if self.rank == 0 else NullWriter()
+        self.policy = ImageClassificationPolicy(cfg.policy, enable_field=['learn', 'eval'])
+        self._build_workers()
+        # TensorBoard image and per-class panels (rank 0); the run calls eval callbacks on rank 0 only.
+        self.visuals = TensorBoardVisuals(self.tb, self.data, self.metric, self.rank)
+        self.data.eval_callbacks.append(self.visuals)
+        # Resumable progress: epochs completed, batches done in the running epoch, best metric, history.
+        self.epoch, self.batch, self.best, self.best_epoch, self.history = 0, 0, None, 0, []
+
+    def _build_workers(self) -> None:
+        cfg = self.cfg
+        # DI-engine's learner and evaluator write text logs under './{exp_name}/log' on every rank; only rank 0
+        # may write into the experiment folder, the others log to a private temporary folder.
+        self._log_root = self.exp_dir if self.rank == 0 else tempfile.mkdtemp(prefix=f'dizoo_imgcls_rank{self.rank}_')
+        exp_name = os.path.relpath(self._log_root)
+        # world size 1 for the learner: with more, DI-engine adds its LogReduceHook, which all-reduces the log
+        # values on cuda:rank (failing on CPU); DDP already syncs gradients and our logger reports global img/s.
+        self.learner = BaseLearner(cfg.policy.learn.learner, self.policy.learn_mode, self.tb,
+                                   dist_info=(self.rank, 1), exp_name=exp_name)
+        self.learner.register_hook(CheckpointHook(self.ckpt_dir, self.state_dict, self.rank))
+        iters = cfg.policy.learn.iters_per_epoch
+        self.log_hook = TrainLoggerHook(self.tb, cfg.log_every, cfg.policy.learn.train_epoch * iters, iters,
+                                        self.world_size, self.rank)
+        self.learner.register_hook(self.log_hook)
+        eval_cfg = EasyDict(dict(cfg.policy.eval.evaluator))
+        if eval_cfg.stop_value is None:  # DI-engine needs a number: one that is never reached
+            eval_cfg.stop_value = float('-inf') if self.metric.lower_is_better else float('inf')
+        self.evaluator = MetricSerialEvaluator(eval_cfg, [self.data.val_loader, self.metric], self.policy.eval_mode,
+                                               self.tb, exp_name=exp_name)
+        for ding_logger in ('learner_logger', 'evaluator_logger'):
+            # DI-engine's tables stay in exp_dir/log/*; the console gets our one-line summaries instead.
+            logging.getLogger(ding_logger).propagate = False
+
+    # ----- checkpoint state -----
+    def state_dict(self) -> Dict[str, Any]:
+        return {
+            'format': CHECKPOINT_FORMAT,
+            'policy': self.policy.learn_mode.state_dict(),
+            'last_iter': self.learner.last_iter.val,
+            'position': {'epoch': self.epoch, 'batch': self.batch},
+            'rng': rng_state(),
+            'best': {'metric': self.best, 'epoch': self.best_epoch},
+            'history': list(self.history),
+            'config': to_plain(self.cfg),
+            'class_names': list(self.data.class_names),
+            'display_names': getattr(self.data, 'display_names', None),
+        }
+
+    def load_state_dict(self, state: Dict[str, Any], path: str) -> None:
+        if state.get('format') != CHECKPOINT_FORMAT:
+            raise CheckpointError(f'{path} is not a dizoo_imgcls checkpoint (format {state.get("format")!r})')
+        check_same_schedule(state['config'], self.cfg, path)
+        if list(state['class_names']) != list(self.data.class_names):
+            raise CheckpointError(f'{path} was trained on classes {state["class_names"][:5]}..., but the data '
+                                  f'folder has {self.data.class_names[:5]}...; resume needs the same classes')
+        self.policy.learn_mode.load_state_dict(state['policy'])
+        self.learner.last_iter.update(state['last_iter'])
+        self.epoch, self.batch = state['position']['epoch'], state['position']['batch']
+        self.best, self.best_epoch = state['best']['metric'], state['best']['epoch']
+        self.history = list(state['history'])
+        set_rng_state(state['rng'])
+
+    def save(self, name: str) -> None:
+        if self.rank == 0:
+            atomic_torch_save(self.state_dict(), os.path.join(self.ckpt_dir, name))
+            prune_checkpoints(self.ckpt_dir, self.cfg.checkpoint.keep_last)
+
+    def resume(self) -> None:
+        resume = self.cfg.resume
+        path = latest_checkpoint(self.ckpt_dir) if resume == 'auto' else resume
+        if path is None:
+            logger.info(f'--resume auto: no checkpoint in {self.ckpt_dir} yet, starting from scratch')
+            return
+        self.load_state_dict(load_checkpoint(path), path)
+        # A new evaluator knows no best yet and would overwrite ckpt_best with the first, maybe worse, result.
+        self.evaluator._max_avg_eval_result = self.best
+        logger.info(f'resumed from {path}: epoch {self.epoch} done, {self.batch} batches into the next')
+
+    # ----- the loop -----
+    def fit(self) -> Dict[str, Any]:
+        if self.rank == 0:
+            save_config_file(self.cfg, os.path.join(self.exp_dir, 'total_config.py'))
+            write_json(os.path.join(self.exp_dir, 'classes.json'), self.data.class_names)
+        if self.cfg.resume:
+            self.resume()
+        self._log_start()
+        self.visuals.log_training_images(self.learner.train_iter)
+        metrics = self.history[-1] if self.history else {}
+        self.learner.call_hook('before_run')
+        for epoch in range(self.epoch + 1, self.cfg.policy.learn.train_epoch + 1):
+            self._train_epoch(epoch)
+            stop = False
+            if epoch % self.cfg.eval_every == 0 or epoch == self.cfg.policy.learn.train_epoch:
+                metrics, stop = self._evaluate(epoch)
+            self.save(step_checkpoint_name(self.learner.train_iter, epoch))
+            if stop:
+                logger.info(f'stop_value {self.cfg.policy.eval.evaluator.stop_value} reached at epoch {epoch}')
+                break
+        self.learner.call_hook('after_run')
+        return self._finish(metrics)
+
+    def _train_epoch(self, epoch: int) -> None:
+        data, every = self.data, self.cfg.checkpoint.every_n_iters
         data.train_sampler.set_epoch(epoch)
-        log_hook.mark_epoch_start()
+        data.train_loader.batch_sampler.skip_batches = self.batch
+        self.log_hook.mark_epoch_start()
+        learn_model = self.policy.learn_mode.get_attribute('learn_model')
         # DDP's join lets ranks whose shard ends one batch earlier wait without deadlocking the others.
         with learn_model.join() if hasattr(learn_model, 'join') else nullcontext():
             for batch in data.train_loader:
-                learner.train(batch)
-        policy.learn_mode.set_attribute('epoch', epoch)
-        log_skipped_files(data.train_loader.dataset, tb, epoch)
-        if epoch % cfg.eval_every and epoch != epochs:
-            continue
-        stop, metrics = evaluator.eval(learner.save_checkpoint, learner.train_iter)
-        log_hook.log_eval(metrics, epoch, learner.train_iter)
-        if rank == 0:
-            event = EvalEvent(policy.eval_mode, tb, epoch, learner.train_iter, exp_dir, epoch == epochs or stop, metrics)
-            for callback in data.eval_callbacks:
-                callback(event)
-        if metric.gt(metrics, best):
-            best, best_epoch = metrics, epoch
-        if stop:
-            logger.info(f'stop_value {cfg.policy.eval.evaluator.stop_value} reached after epoch {epoch}')
-            break
-    learner.call_hook('after_run')
+                self.learner.train(batch)
+                self.batch += 1
+                if every and self.learner.train_iter % every == 0 and self.batch < len(data.train_loader):
+                    self.save(step_checkpoint_name(self.learner.train_iter))
+        self.epoch, self.batch = epoch, 0
+        self.policy.learn_mode.set_attribute('epoch', epoch)
+        log_skipped_files(data.train_loader.dataset, self.tb, epoch)
 
-    summary = {
-        'acc1': metrics.get('acc1'),
-        'acc5': metrics.get('acc5'),
-        'loss': metrics.get('loss'),
-        'best_acc1': best['acc1'] if best else None,
-        'best_epoch': best_epoch,
-        'eval_samples': metrics.get('samples'),
-        'epochs': epoch,
-        'wall_seconds': round(time.time() - start, 2),
-        'train_img_per_sec': round(log_hook.img_per_sec, 2),
-        'world_size': world_size,
-        'num_classes': data.num_classes,
-        'model': cfg.policy.model.name,
-        'exp_dir': exp_dir,
-    }
-    if rank == 0:
-        write_json(os.path.join(exp_dir, 'summary.json'), summary)
-        logger.info(f"done in {summary['wall_seconds']:.0f}s: acc1 {summary['acc1']:.2f} "
-                    f"(best {summary['best_acc1']:.2f} at epoch {best_epoch}), {summary['train_img_per_sec']:.1f} "
-                    f'train img/s')
-        logger.info(f'experiment folder: {exp_dir}')
-        logger.info(f'TensorBoard: tensorboard --logdir {os.path.join(exp_dir, "tb")}')
-    learner.close()
-    evaluator.close()
-    return summary
+    def _evaluate(self, epoch: int):
+        stop, metrics = self.evaluator.eval(self.learner.save_checkpoint, self.learner.train_iter)
+        self.log_hook.log_eval(metrics, epoch, self.learner.train_iter)
+        if self.metric.gt(metrics, self.best):
+            self.best, self.best_epoch = dict(metrics), epoch
+        self.history.append({'epoch': epoch, **metrics})
+        if self.rank == 0:
+            final = stop or epoch == self.cfg.policy.learn.train_epoch
+            event = EvalEvent(self.policy.eval_mode, self.tb, epoch, self.learner.train_iter, self.exp_dir, final,
+                              metrics)
+            for callback in self.data.eval_callbacks:
+                callback(event)
+        return metrics, stop
+
+    def _log_start(self) -> None:
+        d = self.data
+        logger.info(f'experiment: {self.exp_dir}')
+        logger.info(f'{len(d.train_loader.dataset)} train / {len(d.val_loader.dataset)} val images, '
+                    f'{d.num_classes} classes, {len(d.train_loader)} iterations per epoch, '
+                    f'world size {self.world_size}')
+
+    def _finish(self, metrics: Dict[str, Any]) -> Dict[str, Any]:
+        summary = {
+            'acc1': metrics.get('acc1'),
+            'acc5': metrics.get('acc5'),
+            'loss': metrics.get('loss'),
+            'best_acc1': self.best['acc1'] if self.best else None,
+            'best_epoch': self.best_epoch,
+            'eval_samples': metrics.get('samples'),
+            'epochs': self.epoch,
+            'wall_seconds': round(time.time() - self.start_time, 2),
+            'train_img_per_sec': round(self.log_hook.img_per_sec, 2),
+            'world_size': self.world_size,
+            'num_classes': self.data.num_classes,
+            'model': self.cfg.policy.model.name,
+            'exp_dir': self.exp_dir,
+        }
+        summary.update(run_facts(self.cfg, self.best, self.log_hook.data_wait_share))  # resources, provenance
+        if self.rank == 0:
+            log_hparams(self.tb, self.cfg, summary, self.world_size, self.learner.train_iter)
+            write_json(os.path.join(self.exp_dir, 'summary.json'), summary)
+            if summary['acc1'] is not None:
+                logger.info(f"done in {summary['wall_seconds']:.0f}s: acc1 {summary['acc1']:.2f} (best "
+                            f"{summary['best_acc1']:.2f} at epoch {self.best_epoch}), "
+                            f"{summary['train_img_per_sec']:.1f} train img/s")
+            logger.info(f'experiment folder: {self.exp_dir}')
+            logger.info(f'TensorBoard: tensorboard --logdir {os.path.join(self.exp_dir, "tb")}')
+        self.learner.close()
+        self.evaluator.close()
+        if self.rank != 0:
+            shutil.rmtree(self._log_root, ignore_errors=True)
+        return summary
+
+
+def train(cfg: EasyDict) -> Dict[str, Any]:
+    """Train and evaluate as ``cfg`` says; returns the summary that is also written to summary.json."""
+    return TrainingRun(cfg).fit()

@@ -24,6 +24,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help='override a config key, e.g. --set policy.learn.batch_size=128 (repeatable)')
     parser.add_argument('--demo', action='store_true',
                         help='train on the handwritten digits shipped with scikit-learn (no download)')
+    parser.add_argument('--resume', default=None, metavar='PATH|auto',
+                        help="continue from a checkpoint, or 'auto' for the newest in output_dir/exp_name/ckpt")
+    parser.add_argument('--eval-only', action='store_true',
+                        help='evaluate the --resume checkpoint on --data-root/val and write per-class reports')
     parser.add_argument('--check-data', action='store_true',
                         help='scan the train and val folders, list every unreadable image, exit 1 if any; no training')
     return parser.parse_args(argv)
@@ -49,15 +53,20 @@ def compile_cfg(args: argparse.Namespace):
         cfg.exp_name = args.exp_name
     if args.seed is not None:
         cfg.seed = args.seed
+    if args.resume is not None:
+        cfg.resume = args.resume
     return cfg
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from dizoo_imgcls.checkpoint import CheckpointError
     from dizoo_imgcls.config import ConfigError
     from dizoo_imgcls.data import EXPECTED_LAYOUT, DataLayoutError
     from dizoo_imgcls.train import train
 
+    if args.eval_only:
+        return eval_only(args)
     try:
         cfg = compile_cfg(args)
     except ConfigError as e:
@@ -74,6 +83,25 @@ def main(argv=None) -> int:
         train(cfg)
     except DataLayoutError as e:
         print(f'error: {e}. Pass --data-root DIR, or run with --demo to train on bundled digits', file=sys.stderr)
+        return 2
+    except (CheckpointError, ValueError) as e:  # invalid settings, data options or checkpoint: one clear line
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    return 0
+
+
+def eval_only(args: argparse.Namespace) -> int:
+    from dizoo_imgcls.checkpoint import CheckpointError
+    from dizoo_imgcls.data import DataLayoutError
+    from dizoo_imgcls.evaluate import evaluate_checkpoint
+
+    if not args.resume or args.resume == 'auto' or not args.data_root:
+        print('error: --eval-only needs --resume CHECKPOINT and --data-root DIR', file=sys.stderr)
+        return 2
+    try:
+        evaluate_checkpoint(args.resume, args.data_root)
+    except (CheckpointError, DataLayoutError) as e:
+        print(f'error: {e}', file=sys.stderr)
         return 2
     return 0
 

@@ -1,6 +1,7 @@
 import pytest
 
-from dizoo_imgcls.config import ConfigError, apply_override, build_config, default_config, parse_value
+from dizoo_imgcls.config import (ConfigError, apply_override, build_config, default_config, load_config_file,
+                                 parse_value, save_config_file)
 
 
 def test_values_parse_as_python_literals():
@@ -43,3 +44,11 @@ def test_malformed_and_section_overrides():
 def test_model_section_accepts_model_specific_keys():
     cfg = build_config({}, ['policy.model.name=resnet34', 'policy.model.mean=[0.5, 0.5, 0.5]'])
     assert cfg.policy.model.name == 'resnet34' and cfg.policy.model.mean == [0.5, 0.5, 0.5]
+
+
+def test_compiled_config_file_round_trips_through_config(tmp_path):
+    cfg = build_config({}, ['policy.learn.batch_size=48', 'data.train_crop_scale=[0.3, 1.0]'])
+    path = str(tmp_path / 'total_config.py')
+    save_config_file(cfg, path)
+    again = build_config(load_config_file(path), source=path)
+    assert again == cfg

@@ -12,15 +12,30 @@ CLASSES = ['n01440764', 'n03028079', 'n03888257']  # tench, church, parachute
 REQUIRED_TAGS = {'train/loss', 'train/lr', 'train/acc1', 'train/img_per_sec', 'eval/acc1', 'eval/acc5', 'eval/loss'}
 
 
-def test_three_class_imagenette_trains_well_above_chance(imagenette_root, tmp_path):
-    root = make_subset(imagenette_root, str(tmp_path / 'data'), CLASSES, {'train': 260, 'val': 50})
-    result = run_entry(
-        '--config', 'config/imagenette_res18_config.py', '--data-root', root, '--exp-name', 'subset',
-        '--set', f'output_dir={tmp_path / "runs"}', '--set', 'data.image_size=64',
-        '--set', 'policy.learn.train_epoch=8', '--set', 'policy.learn.batch_size=32',
-        '--set', 'policy.learn.warmup_epochs=1', '--set', 'log_every=5')
+SMALL = ['data.image_size=64', 'policy.learn.batch_size=32', 'policy.learn.warmup_epochs=1', 'log_every=5']
+
+
+def train_subset(root, out, exp_name, epochs, *extra):
+    args = ['--config', 'config/imagenette_res18_config.py', '--data-root', root, '--exp-name', exp_name,
+            '--set', f'output_dir={out}', '--set', f'policy.learn.train_epoch={epochs}']
+    for item in SMALL + list(extra):
+        args += ['--set', item]
+    result = run_entry(*args)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    exp = tmp_path / 'runs' / 'subset'
+    return result, json.loads((out / exp_name / 'summary.json').read_text())
+
+
+@pytest.fixture(scope='module')
+def three_class_run(imagenette_root, tmp_path_factory):
+    """One real 3-class training run, shared by the tests below (it is the slow part)."""
+    tmp = tmp_path_factory.mktemp('imagenette3')
+    root = make_subset(imagenette_root, str(tmp / 'data'), CLASSES, {'train': 260, 'val': 50})
+    _, summary = train_subset(root, tmp / 'runs', 'subset', 8)
+    return tmp / 'runs' / 'subset', summary
+
+
+def test_three_class_imagenette_trains_well_above_chance(three_class_run):
+    exp, summary = three_class_run
     summary = json.loads((exp / 'summary.json').read_text())
     assert summary['eval_samples'] == 150 and summary['num_classes'] == 3
     assert summary['acc1'] >= 65.0, summary  # chance is 33.3%
@@ -33,3 +48,15 @@ def test_three_class_imagenette_trains_well_above_chance(imagenette_root, tmp_pa
     assert REQUIRED_TAGS <= tags, REQUIRED_TAGS - tags
     eval_acc = [e.value for e in events.Scalars('eval/acc1')]
     assert len(eval_acc) == 8 and eval_acc[-1] == pytest.approx(summary['acc1'], abs=1e-4)
+
+
+def test_fine_tuning_on_two_new_classes_beats_training_from_scratch(three_class_run, imagenette_root, tmp_path):
+    """The 3-class model's features transfer: on 2 other classes, at equal steps, fine-tuning wins."""
+    pretrained = three_class_run[0] / 'ckpt' / 'ckpt_best.pth.tar'
+    root = make_subset(imagenette_root, str(tmp_path / 'data'), ['n02102040', 'n03394916'],  # springer, horn
+                       {'train': 200, 'val': 50})
+    result, tuned = train_subset(root, tmp_path, 'tuned', 2, f'policy.model.pretrained={pretrained}',
+                                 'policy.learn.freeze_backbone_epochs=1', 'policy.learn.backbone_lr_factor=0.3')
+    assert 'replaced the classifier head (3 -> 2 classes' in result.stdout
+    _, scratch = train_subset(root, tmp_path, 'scratch', 2)
+    assert tuned['acc1'] > scratch['acc1'] + 5, (tuned['acc1'], scratch['acc1'])

@@ -1,14 +1,15 @@
 """Loader factory: datasets, shard samplers and DataLoaders from the ``data`` config section."""
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from ding.utils.registry import Registry
 from torch.utils.data import DataLoader
 
 from .folder import ImageFolderSplit, class_index
-from .sampler import DistributedSampler, TrainBatchSampler
+from .layouts import find_display_names
+from .sampler import DistributedSampler, EpochSeededDataset, TrainBatchSampler
 from .transforms import EvalPreset, TrainPreset
 
 DATA_CONFIG = dict(
@@ -26,8 +27,12 @@ DATA_CONFIG = dict(
     eval_crop_ratio=0.875,
     # (int) Loader worker processes per rank; None means one per CPU core available to this process.
     num_workers=None,
-    # (bool) Let libjpeg decode eval JPEGs at 1/2, 1/4 or 1/8 scale when they are far larger than needed.
+    # (bool) Decode a JPEG at 1/2, 1/4 or 1/8 scale when its train or eval crop keeps at least image_size px per
+    # side at that scale (the crop is chosen first, on the full-size image, so augmentation is unchanged).
     jpeg_draft=True,
+    # (str) JPEG decoder: 'auto' (simplejpeg, libjpeg-turbo's TurboJPEG API, when installed; else Pillow),
+    # 'simplejpeg' or 'pil'. Other formats and JPEGs TurboJPEG refuses always go through Pillow.
+    decoder='auto',
     # (dict) Settings read only by a non-folder data type (free-form), e.g. the OVERFIT demo's word and size.
     options=dict(),
 )
@@ -57,6 +62,8 @@ class ClassificationData:
     val_sampler: DistributedSampler
     class_names: List[str]
     eval_callbacks: List[Callable[[EvalEvent], None]] = field(default_factory=list)
+    # Human names in class order (``tench`` for ``n01440764``) where the data has a synset mapping, else None.
+    display_names: Optional[List[str]] = None
 
     @property
     def num_classes(self) -> int:
@@ -68,16 +75,19 @@ def default_num_workers() -> int:
 
 
 def build_datasets(data_cfg: Dict):
+    """Train and val ``ImageFolderSplit`` of ``data.root`` with the train / eval presets of the config."""
     root = data_cfg['root']
     class_to_idx = class_index(os.path.join(root, 'train'))
+    draft = data_cfg['jpeg_draft']
     train = ImageFolderSplit(
         os.path.join(root, 'train'), class_to_idx,
-        TrainPreset(data_cfg['image_size'], data_cfg['train_crop_scale'], data_cfg['hflip']),
+        TrainPreset(data_cfg['image_size'], data_cfg['train_crop_scale'], data_cfg['hflip'], reduced_decode=draft),
+        decoder=data_cfg['decoder'],
     )
-    eval_preset = EvalPreset(data_cfg['image_size'], data_cfg['eval_crop_ratio'])
     val = ImageFolderSplit(
-        os.path.join(root, 'val'), class_to_idx, eval_preset,
-        draft_size=eval_preset.resize_size if data_cfg['jpeg_draft'] else None, allow_empty=True,
+        os.path.join(root, 'val'), class_to_idx,
+        EvalPreset(data_cfg['image_size'], data_cfg['eval_crop_ratio'], reduced_decode=draft),
+        decoder=data_cfg['decoder'], allow_empty=True,
     )
     return train, val
 
@@ -93,7 +103,8 @@ def build_loaders(data_cfg: Dict, batch_size: int, eval_batch_size: int, rank: i
 
 
 def wrap_loaders(train_set, val_set, data_cfg: Dict, batch_size: int, eval_batch_size: int, rank: int,
-                 world_size: int, seed: int, class_names: List[str]) -> ClassificationData:
+                 world_size: int, seed: int, class_names: List[str],
+                 display_names: Optional[List[str]] = None) -> ClassificationData:
     """Shard samplers and DataLoaders around any pair of map-style datasets."""
     workers = data_cfg['num_workers']
     workers = default_num_workers() if workers is None else workers
@@ -102,15 +113,15 @@ def wrap_loaders(train_set, val_set, data_cfg: Dict, batch_size: int, eval_batch
         pin_memory=torch.cuda.is_available(),
         persistent_workers=workers > 0,
     )
-    train_sampler = DistributedSampler(len(train_set), world_size, rank, shuffle=True, seed=seed)
+    train_sampler = DistributedSampler(len(train_set), world_size, rank, shuffle=True, seed=seed, encode_epoch=True)
     val_sampler = DistributedSampler(len(val_set), world_size, rank, shuffle=False)
-    # Each rank seeds its own generator so augmentations differ between ranks but repeat across runs.
-    generator = torch.Generator()
-    generator.manual_seed(seed * 1000 + rank)
-    train_loader = DataLoader(train_set, batch_sampler=TrainBatchSampler(train_sampler, batch_size),
-                              generator=generator, **common)
+    # Augmentation randomness is a function of (seed, epoch, sample index): independent of worker count and
+    # batch order, different on every rank (disjoint indices), and exactly reproduced by a resumed run.
+    train_loader = DataLoader(EpochSeededDataset(train_set, seed),
+                              batch_sampler=TrainBatchSampler(train_sampler, batch_size), **common)
     val_loader = DataLoader(val_set, batch_size=eval_batch_size, sampler=val_sampler, **common)
-    return ClassificationData(train_loader, val_loader, train_sampler, val_sampler, list(class_names))
+    return ClassificationData(train_loader, val_loader, train_sampler, val_sampler, list(class_names),
+                              display_names=display_names)
 
 
 @DATA_REGISTRY.register('image_folder')
@@ -118,4 +129,4 @@ def build_image_folder_loaders(data_cfg: Dict, batch_size: int, eval_batch_size:
                                seed: int) -> ClassificationData:
     train_set, val_set = build_datasets(data_cfg)
     return wrap_loaders(train_set, val_set, data_cfg, batch_size, eval_batch_size, rank, world_size, seed,
-                        train_set.classes)
+                        train_set.classes, find_display_names(data_cfg['root'], train_set.classes))

@@ -1,5 +1,5 @@
 import torch
-from torch.utils.data import BatchSampler, Sampler
+from torch.utils.data import BatchSampler, Dataset, Sampler
 
 
 class DistributedSampler(Sampler):
@@ -13,7 +13,7 @@ class DistributedSampler(Sampler):
     """
 
     def __init__(self, num_samples: int, num_replicas: int = 1, rank: int = 0, shuffle: bool = True,
-                 seed: int = 0) -> None:
+                 seed: int = 0, encode_epoch: bool = False) -> None:
         if not 0 <= rank < num_replicas:
             raise ValueError(f'rank must be in [0, {num_replicas}), got {rank}')
         self.num_samples = num_samples
@@ -22,6 +22,8 @@ class DistributedSampler(Sampler):
         self.shuffle = shuffle
         self.seed = seed
         self.epoch = 0
+        # With encode_epoch, indices come out as epoch * num_samples + index, for EpochSeededDataset.
+        self.encode_epoch = encode_epoch
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -33,7 +35,11 @@ class DistributedSampler(Sampler):
             order = torch.randperm(self.num_samples, generator=generator).tolist()
         else:
             order = range(self.num_samples)
-        return iter(order[self.rank::self.num_replicas])
+        shard = order[self.rank::self.num_replicas]
+        if self.encode_epoch:
+            offset = self.epoch * self.num_samples
+            return iter([offset + i for i in shard])
+        return iter(shard)
 
     def __len__(self) -> int:
         return len(range(self.rank, self.num_samples, self.num_replicas))
@@ -41,17 +47,53 @@ class DistributedSampler(Sampler):
 
 class TrainBatchSampler(BatchSampler):
     """Batches a shard without dropping anything; a trailing batch of one sample (which BatchNorm cannot
-    normalize in training mode) is folded into the batch before it."""
+    normalize in training mode) is folded into the batch before it.
+
+    ``skip_batches`` (set by the training loop before each epoch) resumes an epoch mid-way: the skipped
+    batches are never loaded, and the rest come in the same order as in the uninterrupted epoch.
+    """
 
     def __init__(self, sampler: Sampler, batch_size: int) -> None:
         super().__init__(sampler, batch_size, drop_last=False)
+        self.skip_batches = 0
 
     def __iter__(self):
         batches = list(super().__iter__())
         if len(batches) > 1 and len(batches[-1]) == 1:
             batches[-2].extend(batches.pop())
-        return iter(batches)
+        return iter(batches[self.skip_batches:])
 
     def __len__(self) -> int:
         n = super().__len__()
         return n - 1 if n > 1 and len(self.sampler) % self.batch_size == 1 else n
+
+
+class EpochSeededDataset(Dataset):
+    """Makes every sample's augmentation a function of (seed, epoch, index) only.
+
+    The train sampler yields ``epoch * len(dataset) + index``; this wrapper decodes it and draws the
+    sample's random crop/flip from a torch generator seeded with (seed, epoch, index), restoring the
+    process's RNG afterwards. So augmentation does not depend on the number of workers or on which worker
+    gets a batch, and a run resumed mid-epoch or after an epoch sees exactly the same images as the
+    uninterrupted run. Plain indices (< len(dataset)) pass through as epoch 0.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name):  # classes, targets, skipped_files, ... of the wrapped dataset
+        # Never forward protocol names (e.g. torch's batched __getitems__, which would get encoded indices).
+        if name == 'dataset' or name.startswith('__'):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, encoded: int):
+        epoch, index = divmod(int(encoded), len(self.dataset))
+        with torch.random.fork_rng(devices=[]):
+            # The CPU generator only: torch.manual_seed would also seed every CUDA device (~100x slower).
+            torch.default_generator.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
+            return self.dataset[index]

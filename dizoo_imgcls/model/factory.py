@@ -3,12 +3,15 @@
 Image models take uint8 (or float 0..255) NCHW batches; the normalization to mean/std lives inside the
 model so the data workers ship compact uint8 tensors and an exported model needs no separate preprocessing.
 """
+import logging
 from typing import Callable, Dict, Sequence
 
 import torch
 import torch.nn as nn
 import torchvision
 from ding.utils.registry import Registry
+
+logger = logging.getLogger('dizoo_imgcls')
 
 MODEL_REGISTRY = Registry()
 
@@ -93,7 +96,48 @@ def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:
     return MODEL_REGISTRY[name](num_classes=num_classes, **kwargs)
 
 
+def classifier_head_prefix(model: nn.Module) -> str:
+    """State-dict prefix of the final classifier: the last ``nn.Linear`` (``backbone.fc.`` for ResNets)."""
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f'{type(model).__name__} has no nn.Linear classifier head')
+    return linears[-1] + '.'
+
+
+def load_pretrained(model: nn.Module, state: Dict[str, torch.Tensor], source: str = 'pretrained weights') -> str:
+    """Copy ``state`` (ours, or a plain torchvision state dict) into ``model``; returns what was done.
+
+    A head of a different size is left at its fresh initialization (the new task's classes); any other
+    missing, unexpected or mis-shaped key is an error naming it."""
+    own = model.state_dict()
+    if not any(k in own for k in state):
+        state = {f'backbone.{k}': v for k, v in state.items()}  # torchvision keys: conv1.weight, fc.bias, ...
+    head = classifier_head_prefix(model)
+    head_keys = [k for k in own if k.startswith(head)]
+    new_head = any(k in state and state[k].shape != own[k].shape for k in head_keys)
+    if new_head:
+        old_classes = state[head + 'weight'].shape[0]
+        state = {k: v for k, v in state.items() if not k.startswith(head)}
+    mismatched = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
+    if mismatched:
+        raise ValueError(f'{source}: shapes differ for {mismatched[:3]}: is it the same architecture?')
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (new_head and k.startswith(head))]
+    if missing or unexpected:
+        raise ValueError(f'{source} does not fit {type(model).__name__}: missing {missing[:3]}, '
+                         f'unexpected {unexpected[:3]}')
+    if new_head:
+        return f'loaded {source}; replaced the classifier head ({old_classes} -> {own[head + "weight"].shape[0]} ' \
+               f'classes, freshly initialized)'
+    return f'loaded {source} (all layers, including the classifier head)'
+
+
 def build_model_from_cfg(model_cfg: Dict) -> nn.Module:
     """The adapter between a ``policy.model`` config dict and the factory, which never sees the config."""
-    kwargs = {k: v for k, v in model_cfg.items() if k not in ('name', 'num_classes')}
-    return create_model(model_cfg['name'], model_cfg['num_classes'], **kwargs)
+    kwargs = {k: v for k, v in model_cfg.items() if k not in ('name', 'num_classes', 'pretrained')}
+    model = create_model(model_cfg['name'], model_cfg['num_classes'], **kwargs)
+    if model_cfg.get('pretrained'):
+        from ..checkpoint import model_state_from_file  # checkpoint loading is safe-only (weights_only)
+        path = model_cfg['pretrained']
+        logger.info(load_pretrained(model, model_state_from_file(path), source=path))
+    return model

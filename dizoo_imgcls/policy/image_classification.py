@@ -9,7 +9,7 @@ import torch.nn as nn
 from ding.policy import Policy
 from ding.utils import POLICY_REGISTRY
 
-from ..model import build_model_from_cfg
+from ..model import build_model_from_cfg, classifier_head_prefix
 from .optim import build_lr_scheduler, build_optimizer, param_groups_no_bn_bias_decay, scaled_lr
 
 AMP_MODES = ('auto', 'bf16', 'fp16', 'none')
@@ -58,6 +58,9 @@ class ImageClassificationPolicy(Policy):
             num_classes=None,
             # (bool) Start the last BN of each residual block at zero, so every block begins as identity.
             zero_init_residual=True,
+            # (str) Initial weights: one of our checkpoints or a torchvision state-dict file on disk (nothing is
+            # downloaded). A classifier head of another size is replaced by a fresh one for num_classes.
+            pretrained=None,
         ),
         learn=dict(
             # (bool) DistributedDataParallel; set automatically when launched by torchrun with >1 process.
@@ -92,6 +95,15 @@ class ImageClassificationPolicy(Policy):
             lr_step_epochs=[30, 60, 80],
             # (float) 'step' schedule: LR multiplier at each of lr_step_epochs.
             lr_step_gamma=0.1,
+            # (bool) Multi-GPU: SyncBatchNorm (batch statistics over the global batch); CUDA only.
+            sync_bn=False,
+            # (bool) Keep BatchNorm layers in eval mode while training (running statistics frozen), e.g. for
+            # fine-tuning with small batches.
+            bn_eval=False,
+            # (int) Fine-tuning: epochs at the start during which only the classifier head is trained.
+            freeze_backbone_epochs=0,
+            # (float) Fine-tuning: LR of all layers but the classifier head, as a fraction of the LR.
+            backbone_lr_factor=1.0,
             # (float) Label smoothing of the training cross-entropy (0 = none).
             label_smoothing=0.0,
             # (str) Mixed precision: 'auto' (bf16 where the hardware runs it fast, fp16 on older GPUs),
@@ -102,7 +114,7 @@ class ImageClassificationPolicy(Policy):
             # (float) Clip the global gradient norm to this value; None only measures it.
             grad_clip_norm=None,
             # (dict) DI-engine BaseLearner settings (hooks); the entry adds its own logging hook.
-            learner=dict(hook=dict(save_ckpt_after_run=True)),
+            learner=dict(log_policy=False),
         ),
         eval=dict(
             # (int) Images per eval batch on each rank.
@@ -152,10 +164,11 @@ class ImageClassificationPolicy(Policy):
         self._world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         self._global_batch = cfg.batch_size * self._world_size
         self._peak_lr = scaled_lr(cfg.lr_per_256, self._global_batch)
-        self._optimizer = build_optimizer(
-            cfg.optimizer, param_groups_no_bn_bias_decay(self._model, cfg.weight_decay), self._peak_lr,
-            momentum=cfg.momentum, nesterov=cfg.nesterov, betas=cfg.adam_betas,
-        )
+        self._head_prefix = classifier_head_prefix(self._model)
+        groups = param_groups_no_bn_bias_decay(self._model, cfg.weight_decay, self._peak_lr, self._head_prefix,
+                                               cfg.backbone_lr_factor)
+        self._optimizer = build_optimizer(cfg.optimizer, groups, self._peak_lr, momentum=cfg.momentum,
+                                          nesterov=cfg.nesterov, betas=cfg.adam_betas)
         self._lr_scheduler = build_lr_scheduler(
             self._optimizer,
             cfg.lr_schedule,
@@ -169,22 +182,46 @@ class ImageClassificationPolicy(Policy):
         self._scaler = torch.amp.GradScaler('cuda') if self._amp_dtype == torch.float16 else None
         self._criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         self._learn_model = self._model
+        if cfg.sync_bn and self._world_size > 1:
+            if not self._cuda:
+                raise ValueError('policy.learn.sync_bn=True needs GPUs: torch SyncBatchNorm does not run on CPU')
+            self._model = self._learn_model = nn.SyncBatchNorm.convert_sync_batchnorm(self._model)
         if cfg.multi_gpu and self._world_size > 1:
             device_ids = [torch.cuda.current_device()] if self._cuda else None
-            self._learn_model = nn.parallel.DistributedDataParallel(self._model, device_ids=device_ids)
+            # A frozen backbone (fine-tuning) produces no gradients for most parameters for a while.
+            self._learn_model = nn.parallel.DistributedDataParallel(
+                self._model, device_ids=device_ids, find_unused_parameters=cfg.freeze_backbone_epochs > 0)
         self._epoch = 0
         self._iteration = 0
+        self._backbone_frozen = False
+
+    def _set_train_mode(self) -> None:
+        self._learn_model.train()
+        if self._cfg.learn.bn_eval:
+            for module in self._model.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+
+    def _freeze_backbone(self, frozen: bool) -> None:
+        """Fine-tuning: train only the classifier head for the first ``freeze_backbone_epochs`` epochs."""
+        if frozen == self._backbone_frozen:
+            return
+        for name, param in self._model.named_parameters():
+            if not name.startswith(self._head_prefix):
+                param.requires_grad_(not frozen)
+        self._backbone_frozen = frozen
 
     def _forward_learn(self, data: List[torch.Tensor]) -> Dict[str, Any]:
         start = time.perf_counter()
+        self._freeze_backbone(self._epoch < self._cfg.learn.freeze_backbone_epochs)
         img, target = self._to_input(data[0]), data[1].to(self._device, non_blocking=True)
-        self._learn_model.train()
+        self._set_train_mode()
         with self._autocast():
             logits = self._learn_model(img)
         loss = self._criterion(logits.float(), target)
         self._optimizer.zero_grad(set_to_none=True)
         grad_norm = self._backward_and_step(loss)
-        lr = self._optimizer.param_groups[0]['lr']
+        lr = max(group['lr'] for group in self._optimizer.param_groups)  # the head's LR when fine-tuning
         self._lr_scheduler.step()
         self._iteration += 1
         acc1 = (logits.argmax(dim=1) == target).float().mean()

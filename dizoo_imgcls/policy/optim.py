@@ -13,15 +13,20 @@ def scaled_lr(lr_per_256: float, global_batch_size: int) -> float:
     return lr_per_256 * global_batch_size / 256.0
 
 
-def param_groups_no_bn_bias_decay(model: torch.nn.Module, weight_decay: float) -> List[dict]:
-    """Weight decay on conv/linear weights only: BN scales/shifts and biases (all 1-D) are not decayed."""
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim <= 1 else decay).append(param)
+def param_groups_no_bn_bias_decay(model: torch.nn.Module, weight_decay: float, lr: float,
+                                  head_prefix: str = '', backbone_lr_factor: float = 1.0) -> List[dict]:
+    """Weight decay on conv/linear weights only: BN scales/shifts and biases (all 1-D) are not decayed.
+
+    Parameters whose name starts with ``head_prefix`` get ``lr``; the rest get ``lr * backbone_lr_factor``
+    (fine-tuning usually moves pretrained layers less than a new head)."""
+    groups = {}
+    for name, param in model.named_parameters():
+        is_head = bool(head_prefix) and name.startswith(head_prefix)
+        key = (param.ndim > 1, is_head or backbone_lr_factor == 1.0)
+        groups.setdefault(key, []).append(param)
     return [
-        dict(params=decay, weight_decay=weight_decay),
-        dict(params=no_decay, weight_decay=0.0),
+        dict(params=params, weight_decay=weight_decay if decay else 0.0, lr=lr if full_lr else lr * backbone_lr_factor)
+        for (decay, full_lr), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))
     ]
 
 

@@ -1,0 +1,83 @@
+"""``--check-data``: decode every train and val image once, in parallel, and list each file that is no usable
+image with the reason, without training."""
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from typing import Dict, List, Optional, Tuple
+
+from .decode import UnreadableImageError, is_hidden, load_rgb_array, resolve_decoder
+from .folder import EXPECTED_LAYOUT, DataLayoutError, check_split_classes, class_index, is_image_file, scan_split
+from .loader import default_num_workers
+
+FILES_PER_TASK = 64
+
+
+def check_file(path: str, decoder: str) -> Optional[str]:
+    """None if ``path`` decodes to an RGB image with the training decoder, else the reason."""
+    try:
+        load_rgb_array(path, decoder)
+    except UnreadableImageError as e:
+        return str(e)
+    return None
+
+
+def _check_chunk(paths: List[str], decoder: str) -> List[Tuple[str, str]]:
+    return [(p, reason) for p in paths for reason in [check_file(p, decoder)] if reason is not None]
+
+
+def ignored_files(split_dir: str) -> int:
+    """Hidden files and files without an image extension inside the class folders (never loaded)."""
+    count = 0
+    for folder, dirs, files in os.walk(split_dir):
+        if folder != split_dir:
+            count += sum(1 for f in files if is_hidden(f) or not is_image_file(f))
+        dirs[:] = [d for d in dirs if not is_hidden(d)]
+    return count
+
+
+def list_splits(root: str) -> Tuple[Dict[str, List[str]], List[str]]:
+    """({split: absolute image paths}, empty training class folders); raises DataLayoutError on a bad layout."""
+    class_to_idx = class_index(os.path.join(root, 'train'))
+    files, empty_train = {}, []
+    for split in ('train', 'val'):
+        split_dir = os.path.join(root, split)
+        if not os.path.isdir(split_dir):
+            raise DataLayoutError(f'no folder at {split_dir} (expected layout: {EXPECTED_LAYOUT})')
+        check_split_classes(split_dir, class_to_idx)
+        paths, _, empty = scan_split(split_dir, class_to_idx)
+        files[split] = [os.path.join(split_dir, p) for p in paths]
+        empty_train = empty if split == 'train' else empty_train
+    if not files['train']:
+        raise DataLayoutError(f"{os.path.join(root, 'train')} has no image files in its class folders")
+    return files, empty_train
+
+
+def check_data_folders(data_cfg) -> int:
+    """Print every unreadable image of ``data.root`` (and empty training class folders); 1 if any, 0 if none,
+    2 if the folder layout itself is wrong."""
+    if data_cfg['type'] != 'image_folder':
+        print(f"--check-data reads image folders; data.type '{data_cfg['type']}' has none to check")
+        return 0
+    start = time.time()
+    root = data_cfg['root']
+    decoder = resolve_decoder(data_cfg.get('decoder', 'auto'))
+    try:
+        files, empty_train = list_splits(root)
+    except DataLayoutError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    everything = files['train'] + files['val']
+    chunks = [everything[i:i + FILES_PER_TASK] for i in range(0, len(everything), FILES_PER_TASK)]
+    workers = data_cfg.get('num_workers') or default_num_workers()
+    with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+        bad = [item for found in pool.map(_check_chunk, chunks, [decoder] * len(chunks)) for item in found]
+    for path, reason in bad:
+        print(f'unreadable: {path}: {reason}')
+    for folder in empty_train:
+        print(f'empty class folder: {folder} (the class gets no training images)')
+    ignored = sum(ignored_files(os.path.join(root, split)) for split in ('train', 'val'))
+    print(f"checked {len(files['train'])} train + {len(files['val'])} val images with {workers} processes in "
+          f'{time.time() - start:.1f}s: {len(bad)} unreadable, {len(empty_train)} empty class folder(s), '
+          f'{ignored} hidden or non-image file(s) ignored')
+    return 1 if bad or empty_train else 0

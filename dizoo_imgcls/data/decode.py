@@ -1,0 +1,181 @@
+"""Image files to uint8 RGB arrays, JPEGs at 1/2, 1/4 or 1/8 scale on request.
+
+JPEGs go through libjpeg-turbo's TurboJPEG API (``simplejpeg``) when it is installed: with it the loader
+delivers 1.4-1.7x the images per CPU second that it does with Pillow as decoder (docs/BENCHMARKS.md,
+"Data loader"). Everything else, and any JPEG that TurboJPEG refuses, goes through Pillow, with
+every mode (CMYK, palette, RGBA, 16-bit, grayscale) turned into 8-bit RGB. A file that cannot be read
+raises ``UnreadableImageError`` whose message says why, so a dataset can skip it and name it.
+"""
+import io
+import os
+import struct
+import warnings
+from contextlib import contextmanager
+from typing import Optional, Tuple
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+try:  # optional: the faster JPEG path; Pillow decodes everything without it
+    import simplejpeg
+except ImportError:  # pragma: no cover - depends on the environment
+    simplejpeg = None
+
+DECODERS = ('auto', 'simplejpeg', 'pil')
+JPEG_MAGIC = b'\xff\xd8\xff'
+# What Pillow's and TurboJPEG's decoders raise on damaged data (Pillow uses all of these).
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError, Image.DecompressionBombError,
+                 Image.DecompressionBombWarning)
+
+
+class UnreadableImageError(Exception):
+    """A file that is no usable image; the message is the reason (the caller adds the path)."""
+
+
+def resolve_decoder(decoder: str) -> str:
+    """'auto' -> 'simplejpeg' when installed, else 'pil'; an unknown or unavailable choice is an error."""
+    if decoder not in DECODERS:
+        raise ValueError(f"data.decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
+    if decoder == 'simplejpeg' and simplejpeg is None:
+        raise ValueError("data.decoder='simplejpeg' but the simplejpeg package is not installed "
+                         "(pip install simplejpeg, or use 'auto' / 'pil')")
+    if decoder == 'auto':
+        return 'simplejpeg' if simplejpeg is not None else 'pil'
+    return decoder
+
+
+def describe_error(error: BaseException) -> str:
+    """A short reason for a log line or a check-data report."""
+    if isinstance(error, UnreadableImageError):
+        return str(error)
+    if isinstance(error, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return f'over the decompression-bomb limit (PIL.Image.MAX_IMAGE_PIXELS): {error}'
+    if isinstance(error, UnidentifiedImageError):
+        return 'not an image (Pillow cannot identify the file format)'
+    if isinstance(error, OSError) and error.errno is not None:
+        return f'cannot read the file ({error.strerror})'
+    return f'damaged image data ({type(error).__name__}: {error})'
+
+
+@contextmanager
+def unreadable_on_error():
+    """Turn a decoder's exception into ``UnreadableImageError`` with a readable reason."""
+    try:
+        yield
+    except UnreadableImageError:
+        raise
+    except DECODE_ERRORS as e:
+        raise UnreadableImageError(describe_error(e)) from e
+
+
+def check_pixel_limit(width: int, height: int) -> None:
+    """Refuse images over Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and width * height > limit:
+        raise UnreadableImageError(f'{width}x{height} = {width * height} px is over the decompression-bomb limit of '
+                                   f'{limit} px (PIL.Image.MAX_IMAGE_PIXELS)')
+
+
+def pil_to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB from any Pillow mode; 16-bit grayscale keeps its top 8 bits instead of saturating."""
+    if img.mode == 'RGB':
+        return img
+    if img.mode.startswith('I;16') or img.mode == 'I':
+        wide = np.asarray(img, dtype=np.uint32) if img.mode != 'I' else np.clip(np.asarray(img), 0, 65535)
+        img = Image.fromarray((wide >> 8).astype(np.uint8), mode='L')
+    elif img.mode == 'P' and 'transparency' in img.info:
+        img = img.convert('RGBA')  # the direct route warns once per image
+    return img.convert('RGB')
+
+
+def open_pil(data: bytes) -> Image.Image:
+    """Pillow image (header read, pixels not yet decoded); over-limit images raise instead of warning."""
+    with unreadable_on_error(), warnings.catch_warnings():
+        warnings.simplefilter('error', Image.DecompressionBombWarning)
+        return Image.open(io.BytesIO(data))
+
+
+class EncodedImage:
+    """One image file's bytes: its size from the header, its pixels decoded once, on demand, at 1/``factor``
+    scale (1, 2, 4 or 8; JPEG only, other formats always decode at full size)."""
+
+    def __init__(self, data: bytes, decoder: str = 'auto') -> None:
+        if not data:
+            raise UnreadableImageError('empty file (0 bytes)')
+        self.data = data
+        self._pil: Optional[Image.Image] = None
+        self.turbo = resolve_decoder(decoder) == 'simplejpeg' and data[:3] == JPEG_MAGIC
+        if self.turbo:
+            try:
+                self.height, self.width = simplejpeg.decode_jpeg_header(data)[:2]
+            except ValueError:
+                self.turbo = False  # Pillow gets a go, and names the problem if it fails too
+        if not self.turbo:
+            self._pil = open_pil(data)
+            self.width, self.height = self._pil.size
+        check_pixel_limit(self.width, self.height)
+
+    @property
+    def size_hw(self) -> Tuple[int, int]:
+        return self.height, self.width
+
+    def decode(self, factor: int = 1) -> np.ndarray:
+        """HxWx3 uint8 RGB; for a JPEG each side is ``ceil(side / factor)``."""
+        if self.turbo:
+            try:
+                return simplejpeg.decode_jpeg(
+                    self.data, colorspace='RGB', min_height=-(-self.height // factor),
+                    min_width=-(-self.width // factor), min_factor=factor, strict=True)
+            except ValueError:
+                # strict TurboJPEG also refuses files with harmless warnings (extra bytes after the image):
+                # Pillow decides, so both decoders accept and refuse the same files.
+                self._pil = open_pil(self.data)
+        return self._decode_pil(factor)
+
+    def _decode_pil(self, factor: int) -> np.ndarray:
+        img = self._pil
+        with unreadable_on_error():
+            if factor > 1 and img.format == 'JPEG':
+                img.draft(img.mode if img.mode == 'CMYK' else 'RGB',
+                          (max(1, self.width // factor), max(1, self.height // factor)))
+            rgb = pil_to_rgb(img)
+            rgb.load()
+        return np.array(rgb)  # a writable copy: torch.from_numpy warns on Pillow's read-only buffer
+
+
+class DecodedImage:
+    """Pixels already in memory (a Pillow image or an array) behind the ``EncodedImage`` interface."""
+
+    def __init__(self, image) -> None:
+        self.pixels = np.array(pil_to_rgb(image)) if isinstance(image, Image.Image) else np.asarray(image)
+        if self.pixels.ndim != 3 or self.pixels.shape[2] != 3 or self.pixels.dtype != np.uint8:
+            raise ValueError(f'expected an HxWx3 uint8 RGB array, got {self.pixels.dtype} {self.pixels.shape}')
+        self.height, self.width = self.pixels.shape[:2]
+
+    @property
+    def size_hw(self) -> Tuple[int, int]:
+        return self.height, self.width
+
+    def decode(self, factor: int = 1) -> np.ndarray:
+        return self.pixels
+
+
+def read_image_file(path: str, decoder: str = 'auto') -> EncodedImage:
+    """The file's bytes behind ``EncodedImage``; ``UnreadableImageError`` for anything that is no image."""
+    try:
+        with open(path, 'rb') as f:
+            data = f.read()
+    except OSError as e:  # missing, a directory, a broken symlink, no permission
+        raise UnreadableImageError(describe_error(e)) from e
+    return EncodedImage(data, decoder)
+
+
+def load_rgb_array(path: str, decoder: str = 'auto') -> np.ndarray:
+    """The whole image as HxWx3 uint8 RGB at full resolution (what --check-data decodes)."""
+    image = read_image_file(path, decoder)
+    return image.decode(1)
+
+
+def is_hidden(name: str) -> bool:
+    """Dot files: macOS ``.DS_Store`` and ``._name.jpg`` resource forks, editors' swap files."""
+    return os.path.basename(name).startswith('.')

@@ -1,0 +1,85 @@
+"""Evaluate a checkpoint on a data folder: top-1/top-5/loss, per-class accuracy and a confusion matrix."""
+import csv
+import logging
+import os
+from typing import Dict, List
+
+import torch
+import torch.distributed as dist
+from easydict import EasyDict
+
+from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint
+from .config import build_config
+from .data import build_loaders
+from .metric import ImageClassificationMetric
+from .policy import ImageClassificationPolicy
+from .runtime import init_distributed, setup_logging
+
+logger = logging.getLogger('dizoo_imgcls')
+
+
+def config_from_checkpoint(state: Dict, path: str, data_root: str) -> EasyDict:
+    if state.get('format') != CHECKPOINT_FORMAT:
+        raise CheckpointError(f'{path} is not a dizoo_imgcls checkpoint (format {state.get("format")!r})')
+    stored = state['config']
+    cfg = build_config({'data': stored['data'], 'policy': {'model': stored['policy']['model']}})
+    cfg.data.root = data_root
+    cfg.policy.eval.batch_size = stored['policy']['eval']['batch_size']
+    cfg.policy.learn.amp = stored['policy']['learn']['amp']
+    cfg.policy.learn.channels_last = stored['policy']['learn']['channels_last']
+    return cfg
+
+
+def confusion_matrix(eval_policy, loader, num_classes: int, metric: ImageClassificationMetric):
+    """One pass over ``loader``: (metrics, confusion[true, predicted]) summed over all ranks."""
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    batches = []
+    for images, labels in loader:
+        logits = eval_policy.forward(images)
+        batches.append(metric.eval(logits, labels))
+        index = labels.long() * num_classes + logits.argmax(dim=1)
+        confusion += torch.bincount(index, minlength=num_classes * num_classes).view(num_classes, num_classes)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(confusion)
+    return metric.reduce_mean(batches), confusion
+
+
+def write_reports(out_dir: str, names: List[str], confusion: torch.Tensor) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    totals = confusion.sum(dim=1)
+    with open(os.path.join(out_dir, 'per_class_accuracy.csv'), 'w', newline='') as f:
+        writer = csv.writer(f)
+        writer.writerow(['class_index', 'class', 'samples', 'correct', 'acc1'])
+        for i, name in enumerate(names):
+            n, right = int(totals[i]), int(confusion[i, i])
+            writer.writerow([i, name, n, right, f'{100.0 * right / n:.4f}' if n else ''])
+    with open(os.path.join(out_dir, 'confusion_matrix.csv'), 'w', newline='') as f:
+        writer = csv.writer(f)
+        writer.writerow(['true \\ predicted'] + names)
+        for i, name in enumerate(names):
+            writer.writerow([name] + [int(v) for v in confusion[i]])
+
+
+def evaluate_checkpoint(path: str, data_root: str) -> Dict:
+    """Evaluate ``path`` on ``data_root/val``; reports go to the checkpoint's experiment folder under eval/."""
+    state = load_checkpoint(path)
+    cfg = config_from_checkpoint(state, path, data_root)
+    rank, world_size = init_distributed(cfg.policy.cuda)
+    data = build_loaders(cfg.data, cfg.policy.eval.batch_size, cfg.policy.eval.batch_size, rank, world_size)
+    if list(data.class_names) != list(state['class_names']):
+        raise CheckpointError(f'{path} was trained on {len(state["class_names"])} classes '
+                              f'{state["class_names"][:3]}..., but {data_root} has {data.class_names[:3]}...')
+    cfg.policy.learn.iters_per_epoch = 1
+    policy = ImageClassificationPolicy(cfg.policy, enable_field=['eval'])
+    policy.eval_mode.load_state_dict({'model': state['policy']['model']})
+    metric = ImageClassificationMetric()
+    metrics, confusion = confusion_matrix(policy.eval_mode, data.val_loader, data.num_classes, metric)
+    out_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))), 'eval')
+    if rank == 0:
+        setup_logging(None, rank)
+        names = state.get('display_names') or state['class_names']
+        write_reports(out_dir, list(names), confusion)
+        logger.info(f'{path} on {data_root}: acc1 {metrics["acc1"]:.2f} acc5 {metrics["acc5"]:.2f} '
+                    f'loss {metrics["loss"]:.4f} ({metrics["samples"]} images)')
+        logger.info(f'per-class accuracy and confusion matrix: {out_dir}')
+    return dict(metrics, report_dir=out_dir)

@@ -1,0 +1,210 @@
+"""Prediction from a checkpoint: the model, its eval transform and its class names, all read from the file.
+
+Each image is read exactly as the validation split was read in training: the same file reader and decoder
+(``data.decoder``), the same ``EvalPreset`` (``data.image_size``, ``data.eval_crop_ratio``, reduced JPEG decoding
+per ``data.jpeg_draft``), so a prediction here and the val accuracy logged in training describe the same model
+on the same pixels.
+"""
+import csv
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, TextIO, Tuple
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset
+
+from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint
+from .data.decode import UnreadableImageError, read_image_file, resolve_decoder
+from .data.folder import list_image_files
+from .data.transforms import EvalPreset
+from .model import InputNormalize, build_model_from_cfg
+
+
+@dataclass
+class Prediction:
+    """The top classes of one image file, or why the file was skipped."""
+    path: str
+    top: List[Tuple[int, str, float]]  # (class index, class name, probability), most likely first
+    error: Optional[str] = None  # why the file was skipped; ``top`` is empty then
+
+
+def _require(tree: Dict[str, Any], dotted: str, path: str) -> Any:
+    node = tree
+    for key in dotted.split('.'):
+        if not isinstance(node, dict) or key not in node:
+            raise CheckpointError(f"{path} has no '{dotted}' (expected a {CHECKPOINT_FORMAT} checkpoint)")
+        node = node[key]
+    return node
+
+
+def _one_line(error: Exception, limit: int = 300) -> str:
+    """An exception's message (load_state_dict's spans many lines) as one line of at most ``limit`` chars."""
+    text = ' '.join(str(error.args[0] if error.args else type(error).__name__).split())
+    return text if len(text) <= limit else text[:limit - 3] + '...'
+
+
+def checkpoint_class_names(state: Dict[str, Any], path: str) -> List[str]:
+    """Human-readable names in class-index order: ``display_names`` when stored, else the folder names."""
+    names = state.get('display_names')
+    names = _require(state, 'class_names', path) if names is None else names
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise CheckpointError(f'{path}: class names must be a list of strings, got {type(names).__name__}')
+    return list(names)
+
+
+def load_model_from_checkpoint(path: str) -> Tuple[nn.Module, Dict[str, Any], List[str]]:
+    """``(model in eval mode on CPU, compiled config, class names)`` from one of our checkpoints.
+
+    Every problem (missing file, pickled code, another format, weights that do not fit the stored model
+    config) raises ``CheckpointError`` with a one-line message that names ``path``."""
+    state = load_checkpoint(path)
+    if not isinstance(state, dict) or state.get('format') != CHECKPOINT_FORMAT:
+        found = state.get('format') if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f'{path} is not a dizoo_imgcls checkpoint (format {found!r}, '
+                              f'expected {CHECKPOINT_FORMAT!r})')
+    config = _require(state, 'config', path)
+    model_cfg = _require(config, 'policy.model', path)
+    for key in ('data.image_size', 'data.eval_crop_ratio', 'data.jpeg_draft', 'data.decoder'):  # EvalReader
+        _require(config, key, path)
+    weights = _require(state, 'policy.model', path)
+    class_names = checkpoint_class_names(state, path)
+    if model_cfg.get('num_classes') != len(class_names):
+        raise CheckpointError(f"{path}: policy.model.num_classes is {model_cfg.get('num_classes')!r} but "
+                              f'{len(class_names)} class names are stored')
+    try:
+        model = build_model_from_cfg(model_cfg)
+        model.load_state_dict(weights)
+    except (KeyError, ValueError, RuntimeError) as e:  # unknown model name, bad kwargs, mismatched weights
+        raise CheckpointError(f"{path}: cannot rebuild model {model_cfg.get('name')!r} from the stored config "
+                              f'and weights: {_one_line(e)}') from None
+    if not any(isinstance(m, InputNormalize) for m in model.modules()):
+        raise CheckpointError(f"{path}: model {model_cfg.get('name')!r} does not take images (it has no "
+                              f'InputNormalize input layer); only image classifiers can predict or export')
+    return model.eval(), config, class_names
+
+
+class EvalReader:
+    """Image file -> uint8 CHW tensor, read as the checkpoint's validation split was read in training.
+
+    Raises ``ValueError`` at construction when the configured decoder is not installed here, and
+    ``UnreadableImageError`` (its message is the reason) for a file that is no usable image."""
+
+    def __init__(self, data_cfg: Dict[str, Any]) -> None:
+        self.preset = EvalPreset(data_cfg['image_size'], data_cfg['eval_crop_ratio'],
+                                 reduced_decode=data_cfg['jpeg_draft'])
+        self.decoder = resolve_decoder(data_cfg['decoder'])
+
+    def __call__(self, path: str) -> torch.Tensor:
+        return self.preset(read_image_file(path, self.decoder))
+
+
+def find_images(inputs: Sequence[str]) -> Tuple[List[str], List[Tuple[str, str]]]:
+    """Files to predict, and ``(path, reason)`` for inputs that give none.
+
+    A file is taken whatever its name (a bad one is reported when read); a folder gives its image files as
+    the training data reader lists them: recursively, sorted, hidden files left out."""
+    found, problems = [], []
+    for path in inputs:
+        if os.path.isfile(path):
+            found.append(path)
+        elif os.path.isdir(path):
+            in_dir = [os.path.join(path, name) for name in list_image_files(path)]
+            found.extend(in_dir)
+            if not in_dir:
+                problems.append((path, 'folder holds no image files (searched recursively)'))
+        else:
+            problems.append((path, 'no such file or folder'))
+    return found, problems
+
+
+class _ImageFiles(Dataset):
+    """Items are ``(index, image or None, error reason)``, so one bad file never stops a batch."""
+
+    def __init__(self, paths: Sequence[str], reader: EvalReader) -> None:
+        self.paths, self.reader = list(paths), reader
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        try:
+            return index, self.reader(self.paths[index]), ''
+        except UnreadableImageError as e:
+            return index, None, str(e)
+
+
+def _collate(items):
+    good = [(i, img) for i, img, _ in items if img is not None]
+    bad = [(i, reason) for i, img, reason in items if img is None]
+    images = torch.stack([img for _, img in good]) if good else None
+    return [i for i, _ in good], images, bad
+
+
+@torch.inference_mode()
+def top_probabilities(model: nn.Module, images: torch.Tensor, topk: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(probabilities, class indices)``, each ``(N, k)``, most likely first; k is clamped to the classes."""
+    device = next(model.parameters()).device
+    probs = torch.softmax(model(images.to(device)).float(), dim=1)
+    return probs.topk(min(topk, probs.shape[1]), dim=1)
+
+
+def predict_files(model: nn.Module, reader: EvalReader, class_names: Sequence[str], paths: Sequence[str],
+                  topk: int = 5, batch_size: int = 32, num_workers: int = 0) -> Iterator[Prediction]:
+    """One ``Prediction`` per path, in input order (with ``error`` set for a file that cannot be read),
+    running ``batch_size`` images at a time, decoded in ``num_workers`` processes (0: this one)."""
+    loader = DataLoader(_ImageFiles(paths, reader), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=_collate)
+    for indices, images, bad in loader:
+        results = {i: Prediction(paths[i], [], reason) for i, reason in bad}
+        if images is not None:
+            probs, classes = top_probabilities(model, images, topk)
+            for row, i in enumerate(indices):
+                top = [(c, class_names[c], p) for c, p in zip(classes[row].tolist(), probs[row].tolist())]
+                results[i] = Prediction(paths[i], top)
+        for i in sorted(results):
+            yield results[i]
+
+
+OUTPUT_FORMATS = ('table', 'json', 'csv')
+CSV_HEADER = ('path', 'rank', 'class_index', 'class_name', 'probability')
+
+
+def _table_lines(prediction: Prediction) -> List[str]:
+    width = max(len(name) for _, name, _ in prediction.top)
+    return [prediction.path] + [f'  {rank}. {name:<{width}}  {100.0 * prob:6.2f}%'
+                                for rank, (_, name, prob) in enumerate(prediction.top, 1)]
+
+
+def _json_record(prediction: Prediction) -> str:
+    top = [{'rank': rank, 'class_index': index, 'class_name': name, 'probability': prob}
+           for rank, (index, name, prob) in enumerate(prediction.top, 1)]
+    return json.dumps({'path': prediction.path, 'predictions': top})
+
+
+def write_predictions(predictions: Iterable[Prediction], fmt: str, out: TextIO, err: TextIO) -> Tuple[int, int]:
+    """Stream predictions to ``out`` as they come (json: one array, one image per line) and one
+    ``skipped PATH: reason`` line per bad file to ``err``; returns ``(predicted, skipped)`` counts."""
+    if fmt not in OUTPUT_FORMATS:
+        raise ValueError(f"output format must be one of {', '.join(OUTPUT_FORMATS)}, got {fmt!r}")
+    writer = csv.writer(out, lineterminator='\n')
+    if fmt == 'csv':
+        writer.writerow(CSV_HEADER)
+    done = skipped = 0
+    for prediction in predictions:
+        if prediction.error is not None:
+            print(f'skipped {prediction.path}: {prediction.error}', file=err)
+            skipped += 1
+            continue
+        if fmt == 'table':
+            out.write('\n'.join(_table_lines(prediction)) + '\n')
+        elif fmt == 'json':
+            out.write(('[\n' if done == 0 else ',\n') + _json_record(prediction))
+        else:
+            writer.writerows([prediction.path, rank, index, name, prob]
+                             for rank, (index, name, prob) in enumerate(prediction.top, 1))
+        done += 1
+    if fmt == 'json':
+        out.write('\n]\n' if done else '[]\n')
+    return done, skipped

@@ -1,0 +1,104 @@
+"""Process-level plumbing: distributed init, logging, experiment folders, atomic JSON."""
+import json
+import logging
+import os
+import sys
+from datetime import datetime
+from typing import Any, Tuple
+
+import torch
+import torch.distributed as dist
+from easydict import EasyDict
+
+logger = logging.getLogger('dizoo_imgcls')
+
+
+class NullWriter:
+    """Stands in for the TensorBoard writer on ranks other than 0, so exactly one process writes events."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+def init_distributed(use_cuda: bool) -> Tuple[int, int]:
+    """Join the process group torchrun describes in the environment; (rank, world_size)."""
+    world_size = int(os.environ.get('WORLD_SIZE', '1'))
+    if world_size > 1 and not dist.is_initialized():
+        cuda = use_cuda and torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', '0')))
+        dist.init_process_group(backend='nccl' if cuda else 'gloo')
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def setup_logging(exp_dir: str = None, rank: int = 0) -> None:
+    log = logging.getLogger('dizoo_imgcls')
+    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    log.propagate = False
+    fmt = logging.Formatter('[%(asctime)s] %(message)s', datefmt='%m-%d %H:%M:%S')
+    for handler in list(log.handlers):  # a second run in the same process starts clean
+        log.removeHandler(handler)
+        handler.close()
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(fmt)
+    log.addHandler(console)
+    if exp_dir is not None and rank == 0:
+        file_handler = logging.FileHandler(os.path.join(exp_dir, 'train.log'))
+        file_handler.setFormatter(fmt)
+        log.addHandler(file_handler)
+
+
+def experiment_dir(cfg: EasyDict) -> str:
+    """Where this run writes: the resumed run's folder, else ``output_dir/exp_name`` (plus a timestamp if
+    that folder is already used). The same path on every rank."""
+    restart_marker = _elastic_restart_marker(cfg)
+    if restart_marker and os.path.isfile(restart_marker):  # torchrun restarted us: continue the same folder
+        with open(restart_marker) as f:
+            path = f.read().strip()
+    elif cfg.resume == 'auto':
+        path = os.path.abspath(os.path.join(cfg.output_dir, cfg.exp_name))
+    elif cfg.resume:
+        path = os.path.dirname(os.path.dirname(os.path.abspath(cfg.resume)))  # EXP/ckpt/file.pth.tar
+    else:
+        path = os.path.abspath(os.path.join(cfg.output_dir, cfg.exp_name))
+        if os.path.exists(path) and os.listdir(path):
+            path = f"{path}_{datetime.now().strftime('%y%m%d_%H%M%S')}"
+    if dist.is_initialized():
+        holder = [path]
+        dist.broadcast_object_list(holder, src=0)
+        path = holder[0]
+    os.makedirs(path, exist_ok=True)
+    if restart_marker and not os.path.isfile(restart_marker) and int(os.environ.get('RANK', '0')) == 0:
+        with open(restart_marker, 'w') as f:
+            f.write(path)
+    return path
+
+
+def _elastic_restart_marker(cfg: EasyDict):
+    """A file naming this torchrun job's experiment folder, so a restarted job (--max-restarts) finds it."""
+    run_id = os.environ.get('TORCHELASTIC_RUN_ID')
+    if not run_id or 'TORCHELASTIC_RESTART_COUNT' not in os.environ:
+        return None
+    return os.path.join(os.path.abspath(cfg.output_dir), f'.{cfg.exp_name}.torchrun-{run_id}')
+
+
+def elastic_restart_count() -> int:
+    return int(os.environ.get('TORCHELASTIC_RESTART_COUNT', '0'))
+
+
+def write_json(path: str, payload: Any) -> None:
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(payload, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def set_deterministic(enabled: bool) -> None:
+    """Bit-exact repeatability: deterministic kernels, no cuDNN autotuning."""
+    torch.use_deterministic_algorithms(enabled, warn_only=True)
+    torch.backends.cudnn.deterministic = enabled
+    torch.backends.cudnn.benchmark = not enabled and torch.cuda.is_available()

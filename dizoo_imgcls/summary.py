@@ -1,0 +1,84 @@
+"""What a run reports about itself: peak memory, package versions, git commit and a hash of its config."""
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from typing import Any, Dict, Optional
+
+import torch
+
+from .checkpoint import to_plain
+
+# Distributions whose versions decide what a run computes; reported as installed (None when missing).
+VERSIONED_PACKAGES = ('torch', 'torchvision', 'DI-engine', 'dizoo_imgcls')
+
+
+def peak_rss_mb() -> Optional[float]:
+    """Peak resident memory of this process in MiB (loader workers are separate processes), or None."""
+    try:
+        import resource
+    except ImportError:  # Windows: psutil's peak working set, when psutil is installed
+        try:
+            import psutil
+        except ImportError:
+            return None
+        return getattr(psutil.Process().memory_info(), 'peak_wset', 0) / 2 ** 20 or None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2 ** 20 if sys.platform == 'darwin' else peak / 2 ** 10  # bytes on macOS, KiB on Linux
+
+
+def cuda_max_allocated_mb() -> Optional[float]:
+    """Peak CUDA memory held by tensors on the current device in MiB; None when CUDA was never used."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return None
+    return torch.cuda.max_memory_allocated() / 2 ** 20
+
+
+def package_versions() -> Dict[str, Optional[str]]:
+    versions = {'python': platform.python_version()}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def git_commit(path: Optional[str] = None) -> Optional[str]:
+    """The commit checked out in the git work tree holding ``path`` (default: this package), or None when
+    there is none, git is not installed, or git does not answer within a few seconds."""
+    folder = path or os.path.dirname(os.path.abspath(__file__))
+    try:
+        result = subprocess.run(['git', '-C', folder, 'rev-parse', 'HEAD'], capture_output=True, text=True,
+                                timeout=5, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = result.stdout.strip()
+    return commit or None
+
+
+def config_sha256(cfg: Dict[str, Any]) -> str:
+    """sha256 of the config's canonical JSON (sorted keys, no whitespace): equal configs, equal hashes."""
+    text = json.dumps(to_plain(cfg), sort_keys=True, separators=(',', ':'), default=repr)
+    return hashlib.sha256(text.encode('utf-8')).hexdigest()
+
+
+def _rounded(value: Optional[float], digits: int = 1) -> Optional[float]:
+    return None if value is None else round(value, digits)
+
+
+def run_facts(cfg: Dict[str, Any], best: Optional[Dict[str, Any]], train_data_wait_share: float) -> Dict[str, Any]:
+    """The ``summary.json`` entries beyond the final metrics: best metrics, resources, provenance."""
+    return {
+        'best_metrics': dict(best) if best else None,
+        'metric_key': cfg['policy']['eval']['metric_key'],
+        'train_data_wait_share': round(train_data_wait_share, 4),
+        'peak_rss_mb': _rounded(peak_rss_mb()),
+        'cuda_max_allocated_mb': _rounded(cuda_max_allocated_mb()),
+        'versions': package_versions(),
+        'git_commit': git_commit(),
+        'config_sha256': config_sha256(cfg),
+    }

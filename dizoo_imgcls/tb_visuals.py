@@ -1,0 +1,215 @@
+"""TensorBoard pictures of a run, written by rank 0 through the run's writer.
+
+At the start a grid of augmented training images; after each evaluation a confusion matrix, per-class
+accuracy and the most confidently wrong val images (from ``DiagnosticMetric``, so the val set is not run
+twice; only the few wrong images are read again, by index); at the end an hparams entry.
+"""
+import math
+import re
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from .metric import DiagnosticMetric
+
+# Stable TensorBoard tags: dashboards and tests rely on these names.
+IMAGE_TAGS = {'train_grid': 'train/augmented_images', 'confusion': 'eval/confusion_matrix',
+              'mistakes': 'eval/most_confident_mistakes'}
+PER_CLASS_PREFIX = 'eval_per_class/'
+PER_CLASS_HISTOGRAM = 'eval/per_class_acc1'
+
+GRID_IMAGES = 16  # tiles in each image grid
+TILE_PX = 128  # side of a grid tile: small crops are enlarged and big ones reduced, so captions stay legible
+MAX_PER_CLASS_SCALARS = 100  # more classes: the per-class histogram only (1,000 tags would bury the dashboard)
+MAX_LABELLED_CLASSES = 40  # confusion matrix: names and counts are drawn up to this many classes
+
+
+def _font(size_px: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size_px)
+    except TypeError:  # Pillow < 10.1: a fixed bitmap font
+        return ImageFont.load_default()
+
+
+def as_hwc(image: Any) -> Optional[np.ndarray]:
+    """A uint8 CHW tensor with 1 or 3 channels as an HWC RGB array; None for anything that is not an image."""
+    if not isinstance(image, torch.Tensor) or image.dtype != torch.uint8 or image.dim() != 3 \
+            or image.shape[0] not in (1, 3):
+        return None
+    return image.expand(3, -1, -1).permute(1, 2, 0).contiguous().numpy()
+
+
+def _fit_line(draw: ImageDraw.ImageDraw, text: str, font, width_px: int) -> str:
+    if draw.textlength(text, font=font) <= width_px:
+        return text
+    while text and draw.textlength(text + '...', font=font) > width_px:
+        text = text[:-1]
+    return text + '...'
+
+
+def caption_tile(image: np.ndarray, caption: str, tile_px: int = TILE_PX) -> Image.Image:
+    """The image resized to ``tile_px`` square with ``caption`` (lines split on newlines) drawn below it."""
+    font = _font(11)
+    lines = caption.split('\n')
+    line_px = 13
+    tile = Image.new('RGB', (tile_px, tile_px + line_px * len(lines) + 4), (255, 255, 255))
+    picture = Image.fromarray(image)
+    resample = Image.NEAREST if max(picture.size) < tile_px else Image.BILINEAR
+    tile.paste(picture.resize((tile_px, tile_px), resample), (0, 0))
+    draw = ImageDraw.Draw(tile)
+    for row, line in enumerate(lines):
+        draw.text((2, tile_px + 2 + row * line_px), _fit_line(draw, line, font, tile_px - 4), fill=(0, 0, 0),
+                  font=font)
+    return tile
+
+
+def image_grid(images: Sequence[np.ndarray], captions: Sequence[str], columns: int = 4,
+               tile_px: int = TILE_PX) -> np.ndarray:
+    """Captioned tiles in rows of ``columns``, 2 px apart, as one HWC uint8 array."""
+    if not images:
+        raise ValueError('image_grid needs at least one image')
+    tiles = [caption_tile(img, cap, tile_px) for img, cap in zip(images, captions)]
+    columns = min(columns, len(tiles))
+    rows = -(-len(tiles) // columns)
+    width, height = tiles[0].size[0], max(t.size[1] for t in tiles)
+    grid = Image.new('RGB', (columns * (width + 2) - 2, rows * (height + 2) - 2), (128, 128, 128))
+    for i, tile in enumerate(tiles):
+        grid.paste(tile, ((i % columns) * (width + 2), (i // columns) * (height + 2)))
+    return np.asarray(grid)
+
+
+def confusion_image(confusion: torch.Tensor, names: Sequence[str]) -> np.ndarray:
+    """Row-normalized confusion matrix (rows: true class, columns: predicted) as an HWC uint8 heat map, white
+    (0%) to blue (100%); up to ``MAX_LABELLED_CLASSES`` classes with names and counts, else one cell per pair."""
+    counts = confusion.double()
+    share = (counts / counts.sum(dim=1, keepdim=True).clamp(min=1)).numpy()
+    heat = (255 * (1 - share)).astype(np.uint8)
+    cells = np.stack([heat, heat, np.full_like(heat, 255)], axis=-1)
+    if len(names) > MAX_LABELLED_CLASSES:
+        scale = max(1, 512 // len(names))
+        return np.ascontiguousarray(cells.repeat(scale, axis=0).repeat(scale, axis=1))
+    return _labelled_confusion(cells, share, confusion, names)
+
+
+def _labelled_confusion(cells: np.ndarray, share: np.ndarray, confusion: torch.Tensor,
+                        names: Sequence[str]) -> np.ndarray:
+    n, font = len(names), _font(11)
+    cell, left, top = min(48, max(24, 480 // n)), 120, 34
+    title = 'rows: true class, columns: predicted; colour: share of the row'
+    width = max(left + n * cell + 1, int(font.getlength(title)) + 6)
+    image = Image.new('RGB', (width, top + n * cell + 1), (255, 255, 255))
+    image.paste(Image.fromarray(cells).resize((n * cell, n * cell), Image.NEAREST), (left, top))
+    draw = ImageDraw.Draw(image)
+    draw.text((2, 2), title, fill=(0, 0, 0), font=font)
+    for k in range(n + 1):  # grid lines
+        draw.line([(left, top + k * cell), (left + n * cell, top + k * cell)], fill=(160, 160, 160))
+        draw.line([(left + k * cell, top), (left + k * cell, top + n * cell)], fill=(160, 160, 160))
+    for i, name in enumerate(names):
+        middle = top + i * cell + cell // 2
+        draw.text((2, middle), _fit_line(draw, f'{i} {name}', font, left - 6), fill=(0, 0, 0), font=font,
+                  anchor='lm')
+        draw.text((left + i * cell + cell // 2, top - 2), str(i), fill=(0, 0, 0), font=font, anchor='mb')
+        for j in range(n):
+            colour = (255, 255, 255) if share[i, j] > 0.5 else (0, 0, 0)
+            draw.text((left + j * cell + cell // 2, middle), str(int(confusion[i, j])), fill=colour, font=font,
+                      anchor='mm')
+    return np.asarray(image)
+
+
+def per_class_tags(names: Sequence[str]) -> List[str]:
+    """``eval_per_class/<name>``, made tag-safe and unique (ImageNet has two classes called 'crane')."""
+    tags, used = [], set()
+    for i, name in enumerate(names):
+        tag = PER_CLASS_PREFIX + (re.sub(r'[^\w.-]+', '_', name).strip('_') or f'class_{i}')
+        if tag in used:
+            tag = f'{tag}_{i}'
+        used.add(tag)
+        tags.append(tag)
+    return tags
+
+
+def spread_indices(length: int, count: int) -> List[int]:
+    """``count`` indices spread evenly over ``range(length)`` (class-sorted folders then show many classes)."""
+    return sorted({int(i) for i in np.linspace(0, length - 1, num=min(count, length)).round()}) if length else []
+
+
+class TensorBoardVisuals:
+    """Image and per-class panels of one run. Call ``log_training_images`` once before training; the object
+    itself is an eval callback (``ClassificationData.eval_callbacks``) that the run calls on rank 0."""
+
+    def __init__(self, tb, data, metric: DiagnosticMetric, rank: int = 0) -> None:
+        self._tb = tb
+        self._data = data
+        self._metric = metric
+        self._rank = rank
+        names = list(getattr(data, 'display_names', None) or data.class_names)
+        # The model may have more outputs than the folder has classes (policy.model.num_classes).
+        self.names = names + [f'class_{i}' for i in range(len(names), metric.num_classes)]
+        self._tags = per_class_tags(self.names)
+
+    def log_training_images(self, step: int = 0) -> None:
+        """A grid of training images as the model gets them (augmented, epoch-0 draws), captioned by class."""
+        if self._rank != 0:
+            return
+        dataset = self._data.train_loader.dataset
+        pictures = [(as_hwc(image), label) for image, label in
+                    (dataset[i] for i in spread_indices(len(dataset), GRID_IMAGES))]
+        if not pictures or any(image is None for image, _ in pictures):
+            return  # not image data (e.g. the OVERFIT demo's pixel coordinates)
+        grid = image_grid([image for image, _ in pictures], [self.names[label] for _, label in pictures])
+        self._tb.add_image(IMAGE_TAGS['train_grid'], grid, step, dataformats='HWC')
+
+    def __call__(self, event) -> None:
+        diagnostics = self._metric.last_diagnostics
+        if self._rank != 0 or diagnostics is None:
+            return
+        step = event.iteration
+        self._tb.add_image(IMAGE_TAGS['confusion'], confusion_image(diagnostics.confusion, self.names), step,
+                           dataformats='HWC')
+        accuracy = diagnostics.per_class_accuracy()
+        seen = accuracy[~accuracy.isnan()]
+        if seen.numel():
+            self._tb.add_histogram(PER_CLASS_HISTOGRAM, seen.numpy(), step)
+        if len(self.names) <= MAX_PER_CLASS_SCALARS:
+            for tag, value in zip(self._tags, accuracy.tolist()):
+                if not math.isnan(value):  # a class with no val sample has no accuracy
+                    self._tb.add_scalar(tag, value, step)
+        self._log_mistakes(diagnostics.mistakes, step)
+        self._tb.flush()
+
+    def _log_mistakes(self, mistakes, step: int) -> None:
+        dataset = self._data.val_loader.dataset
+        images, captions = [], []
+        for mistake in mistakes:
+            image = as_hwc(dataset[mistake.index][0])
+            if image is None:
+                return  # not image data
+            images.append(image)
+            captions.append(f'{self.names[mistake.target]} /\n{self.names[mistake.predicted]} '
+                            f'({mistake.confidence:.2f})')
+        if images:
+            self._tb.add_image(IMAGE_TAGS['mistakes'], image_grid(images, captions), step, dataformats='HWC')
+
+
+def hparams_of(cfg: Dict[str, Any], world_size: int) -> Dict[str, Any]:
+    """The config values that most often explain a difference between two runs, as TensorBoard hparams."""
+    learn, data = cfg['policy']['learn'], cfg['data']
+    values = {
+        'model': cfg['policy']['model']['name'], 'image_size': data['image_size'],
+        'global_batch_size': learn['batch_size'] * world_size, 'lr_per_256': learn['lr_per_256'],
+        'optimizer': learn['optimizer'], 'lr_schedule': learn['lr_schedule'], 'epochs': learn['train_epoch'],
+        'warmup_epochs': learn['warmup_epochs'], 'weight_decay': learn['weight_decay'],
+        'label_smoothing': learn['label_smoothing'], 'amp': learn['amp'],
+        'train_crop_scale': str(list(data['train_crop_scale'])), 'seed': cfg['seed'], 'world_size': world_size,
+    }
+    return {k: v if isinstance(v, (bool, str, int, float)) else str(v) for k, v in values.items()}
+
+
+def log_hparams(tb, cfg: Dict[str, Any], summary: Dict[str, Any], world_size: int, step: int) -> None:
+    """One hparams session (run ``hparams`` under the TensorBoard folder) linking config to final metrics."""
+    metrics = {f'hparam/{key}': summary[key] for key in ('acc1', 'acc5', 'loss', 'best_acc1', 'train_img_per_sec')
+               if summary.get(key) is not None}
+    if metrics:
+        tb.add_hparams(hparams_of(cfg, world_size), metrics, name='hparams', global_step=step)

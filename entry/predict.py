@@ -1,0 +1,77 @@
+"""Predict the classes of images with a trained checkpoint.
+
+    python entry/predict.py --checkpoint experiments/digits_demo/ckpt/ckpt_best.pth.tar --input digit.png
+    python entry/predict.py --checkpoint CKPT --input photos/ --topk 3 --format csv > predictions.csv
+
+Images are read and transformed exactly as the validation images of the checkpoint's training run (RGB;
+shorter side resized to data.image_size / data.eval_crop_ratio, center crop of data.image_size). Folders are
+searched recursively for image files. A file that cannot be read is reported on stderr and skipped.
+Exit status: 0 when at least one image was predicted, 1 when none could be, 2 for a bad checkpoint.
+"""
+import argparse
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'expected a positive integer, got {text}')
+    return value
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--checkpoint', required=True, help='a dizoo_imgcls checkpoint (.pth.tar)')
+    parser.add_argument('--input', required=True, nargs='+', metavar='IMG_OR_DIR',
+                        help='image files and/or folders (searched recursively)')
+    parser.add_argument('--topk', type=_positive_int, default=5,
+                        help='classes shown per image, most likely first (default: 5; at most the class count)')
+    parser.add_argument('--format', choices=('table', 'json', 'csv'), default='table',
+                        help='table (default): readable; json: one array, one image per line; '
+                             'csv: path,rank,class_index,class_name,probability')
+    parser.add_argument('--batch-size', type=_positive_int, default=32, help='images per forward pass (default: 32)')
+    parser.add_argument('--workers', type=int, default=0,
+                        help='processes decoding images (default: 0, decode in the main process)')
+    parser.add_argument('--device', default=None, help='torch device (default: cuda when available, else cpu)')
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from dizoo_imgcls.checkpoint import CheckpointError
+    from dizoo_imgcls.predict import (EvalReader, find_images, load_model_from_checkpoint, predict_files,
+                                      write_predictions)
+
+    try:
+        model, config, class_names = load_model_from_checkpoint(args.checkpoint)
+        reader = EvalReader(config['data'])
+    except (CheckpointError, ValueError) as e:  # ValueError: the checkpoint's data.decoder is not installed
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    paths, problems = find_images(args.input)
+    for path, reason in problems:
+        print(f'skipped {path}: {reason}', file=sys.stderr)
+    predictions = predict_files(model.to(device), reader, class_names, paths, topk=args.topk,
+                                batch_size=args.batch_size, num_workers=args.workers)
+    predicted, _ = write_predictions(predictions, args.format, sys.stdout, sys.stderr)
+    if predicted == 0:
+        print(f"error: no image could be predicted from {' '.join(args.input)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.path.insert(0, os.path.dirname(HERE))
+    try:
+        status = main()
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader left early (`| head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        status = 1
+    sys.exit(status)

@@ -1,0 +1,109 @@
+import os
+import pickle
+
+import pytest
+import torch
+import torchvision
+
+from dizoo_imgcls.checkpoint import (CheckpointError, atomic_torch_save, latest_checkpoint, load_checkpoint,
+                                     prune_checkpoints, rng_state, set_rng_state, step_checkpoint_name,
+                                     step_checkpoints)
+from dizoo_imgcls.data.sampler import EpochSeededDataset
+from dizoo_imgcls.model import create_model, load_pretrained
+
+
+class _Exploit:
+    """Unpickling this runs a shell command: exactly what a checkpoint from the internet could do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f'touch {self.marker}', ))
+
+
+@pytest.mark.parametrize('writer', ['torch.save', 'pickle.dump'])
+def test_malicious_pickle_is_refused_and_never_executed(tmp_path, writer):
+    marker = tmp_path / 'pwned'
+    path = tmp_path / 'evil.pth.tar'
+    payload = {'model': _Exploit(str(marker))}
+    if writer == 'torch.save':
+        torch.save(payload, path)
+    else:
+        with open(path, 'wb') as f:
+            pickle.dump(payload, f)
+    with pytest.raises(CheckpointError, match='refusing to load'):
+        load_checkpoint(str(path))
+    assert not marker.exists()
+    with open(path, 'rb') as f:  # the file really is an exploit: an unsafe load would have run it
+        pickle.load(f) if writer == 'pickle.dump' else torch.load(f, weights_only=False)
+    assert marker.exists()
+
+
+def test_atomic_save_round_trip_and_no_temp_files_left(tmp_path):
+    state = {'w': torch.arange(6.0).view(2, 3), 'meta': {'epoch': 3, 'names': ['a', 'b']}, 'rng': rng_state()}
+    path = str(tmp_path / 'ckpt' / 'x.pth.tar')
+    atomic_torch_save(state, path)
+    loaded = load_checkpoint(path)
+    assert torch.equal(loaded['w'], state['w']) and loaded['meta'] == state['meta']
+    assert os.listdir(tmp_path / 'ckpt') == ['x.pth.tar']
+
+
+def test_rng_state_round_trip_reproduces_all_generators():
+    import random
+
+    import numpy as np
+    saved = rng_state()
+    first = (torch.rand(3), np.random.rand(3), random.random())
+    set_rng_state(saved)
+    second = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(first[0], second[0]) and (first[1] == second[1]).all() and first[2] == second[2]
+
+
+def test_prune_keeps_last_k_and_best_and_latest_skips_damaged(tmp_path):
+    names = [step_checkpoint_name(10), step_checkpoint_name(23, epoch_end=1), step_checkpoint_name(30),
+             step_checkpoint_name(46, epoch_end=2)]
+    for name in names + ['ckpt_best.pth.tar']:
+        atomic_torch_save({'format': 'dizoo_imgcls/1', 'name': name}, str(tmp_path / name))
+    prune_checkpoints(str(tmp_path), keep_last=2)
+    assert sorted(os.listdir(tmp_path)) == sorted(['ckpt_best.pth.tar', 'iter_30.pth.tar', 'epoch_2_iter_46.pth.tar'])
+    with open(tmp_path / 'iter_99.pth.tar', 'wb') as f:  # a damaged newest file (e.g. a disk error)
+        f.write(b'not a checkpoint')
+    assert step_checkpoints(str(tmp_path))[-1].endswith('iter_99.pth.tar')
+    assert latest_checkpoint(str(tmp_path)).endswith('epoch_2_iter_46.pth.tar')
+
+
+def test_torchvision_state_dict_loads_with_a_new_head(tmp_path):
+    source = torchvision.models.resnet18(num_classes=1000)
+    path = tmp_path / 'resnet18_imagenet.pth'
+    torch.save(source.state_dict(), path)
+    model = create_model('resnet18', num_classes=3)
+    report = load_pretrained(model, load_checkpoint(str(path)), source=str(path))
+    assert 'replaced the classifier head (1000 -> 3' in report
+    assert torch.equal(model.backbone.layer3[1].conv2.weight, source.layer3[1].conv2.weight)
+    assert model.backbone.fc.weight.shape == (3, 512)
+
+
+def test_wrong_architecture_is_a_clear_error(tmp_path):
+    path = tmp_path / 'r34.pth'
+    torch.save(torchvision.models.resnet34(num_classes=10).state_dict(), path)
+    with pytest.raises(ValueError, match='does not fit|shapes differ'):
+        load_pretrained(create_model('resnet18', num_classes=10), load_checkpoint(str(path)))
+
+
+def test_epoch_seeded_augmentation_is_independent_of_call_order():
+    class RandomValues(torch.utils.data.Dataset):
+        def __len__(self):
+            return 5
+
+        def __getitem__(self, i):
+            return torch.rand(2)
+
+    data = EpochSeededDataset(RandomValues(), seed=3)
+    a = [data[2 * 5 + i] for i in range(5)]  # epoch 2
+    b = [data[2 * 5 + i] for i in reversed(range(5))][::-1]
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(data[1 * 5 + 0], data[2 * 5 + 0])  # another epoch, another crop
+    before = torch.get_rng_state()
+    data[7]
+    assert torch.equal(before, torch.get_rng_state())  # the caller's RNG stream is untouched

@@ -1,0 +1,100 @@
+"""Transform presets and decoding: same crops as torchvision, reduced-scale JPEG decoding only where the crop
+keeps its resolution, both decoders agreeing, and labels identical to DI-engine's stock ImageNetDataset."""
+import io
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+from dizoo_imgcls.data.decode import EncodedImage, simplejpeg
+from dizoo_imgcls.data.folder import ImageFolderSplit, PathTable, class_index
+from dizoo_imgcls.data.transforms import EvalPreset, TrainPreset, decode_factor, sample_crop
+
+
+def smooth_jpeg(width: int, height: int, quality: int = 95) -> bytes:
+    """A smooth colour gradient: resampling differences show up as real differences, not as texture aliasing."""
+    y, x = np.mgrid[0:height, 0:width]
+    pixels = np.stack([255 * x / width, 255 * y / height, 128 + 100 * np.sin(x / 40.0)], -1).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, 'JPEG', quality=quality)
+    return buffer.getvalue()
+
+
+def test_sampled_crops_respect_scale_ratio_and_bounds():
+    torch.manual_seed(0)
+    for _ in range(500):
+        top, left, h, w = sample_crop(375, 500, (0.08, 1.0), (3 / 4, 4 / 3))
+        assert 0 <= top and top + h <= 375 and 0 <= left and left + w <= 500
+        assert 0.07 <= h * w / (375 * 500) <= 1.0
+        assert 3 / 4 - 0.02 <= w / h <= 4 / 3 + 0.02
+    torch.manual_seed(1)
+    first = sample_crop(375, 500, (0.08, 1.0), (3 / 4, 4 / 3))
+    torch.manual_seed(1)
+    assert sample_crop(375, 500, (0.08, 1.0), (3 / 4, 4 / 3)) == first
+    assert sample_crop(10, 1000, (0.9, 1.0), (3 / 4, 4 / 3)) == (0, 493, 10, 13)  # fallback: central crop
+
+
+def test_decode_factor_keeps_the_crop_at_least_output_size():
+    assert decode_factor(100, 100, 128) == 1  # upsampled anyway: decode everything
+    assert decode_factor(255, 400, 128) == 1
+    assert decode_factor(256, 400, 128) == 2
+    assert decode_factor(600, 520, 128) == 4
+    assert decode_factor(3000, 2000, 128) == 8
+
+
+@pytest.mark.parametrize('decoder', ['pil', pytest.param('simplejpeg', marks=pytest.mark.skipif(
+    simplejpeg is None, reason='no simplejpeg'))])
+def test_reduced_scale_decoding_changes_the_crop_only_within_resampling_noise(decoder):
+    data = smooth_jpeg(1000, 750)
+    for preset_cls, kwargs in ((TrainPreset, dict(crop_scale=(0.5, 1.0), hflip=False)), (EvalPreset, {})):
+        outputs = []
+        for reduced in (False, True):
+            torch.manual_seed(3)  # the same crop for both
+            outputs.append(preset_cls(128, reduced_decode=reduced, **kwargs)(EncodedImage(data, decoder)).float())
+        assert outputs[0].shape == outputs[1].shape == (3, 128, 128)
+        assert (outputs[0] - outputs[1]).abs().mean() < 2.5, preset_cls
+
+
+@pytest.mark.skipif(simplejpeg is None, reason='no simplejpeg')
+def test_decoders_agree_at_every_scale():
+    data = smooth_jpeg(500, 375, quality=90)
+    for factor in (1, 2, 4, 8):
+        a, b = EncodedImage(data, 'simplejpeg').decode(factor), EncodedImage(data, 'pil').decode(factor)
+        assert a.shape == b.shape == (-(-375 // factor), -(-500 // factor), 3)
+        assert np.abs(a.astype(int) - b).max() <= 1
+
+
+def test_eval_matches_torchvision_resize_and_center_crop():
+    data = smooth_jpeg(292, 292)
+    ours = EvalPreset(128, 0.875, reduced_decode=False)(EncodedImage(data)).float()
+    reference = v2.Compose([v2.Resize(146, antialias=True), v2.CenterCrop(128), v2.PILToTensor()])
+    theirs = reference(Image.open(io.BytesIO(data)).convert('RGB')).float()
+    assert (ours - theirs).abs().mean() < 0.5
+
+
+def test_presets_accept_pillow_images_and_arrays():
+    image = Image.new('L', (64, 48), 77)
+    for preset in (TrainPreset(32), EvalPreset(32)):
+        out = preset(image)
+        assert out.shape == (3, 32, 32) and out.dtype == torch.uint8 and int(out.float().mean().round()) == 77
+        assert preset(np.full((48, 64, 3), 5, np.uint8)).shape == (3, 32, 32)
+
+
+def test_path_table_round_trips_any_file_name():
+    names = ['a/1.jpg', 'ünï/çødé.JPEG', 'b/' + 'x' * 300 + '.png', '']
+    table = PathTable(names)
+    assert len(table) == 4 and [table[i] for i in range(4)] == names
+
+
+def test_labels_identical_to_stock_imagenet_dataset(imagenette_root):
+    from dizoo.image_classification.data import ImageNetDataset
+
+    classes = class_index(os.path.join(imagenette_root, 'train'))
+    for split in ('train', 'val'):
+        ours = ImageFolderSplit(os.path.join(imagenette_root, split), classes)
+        stock = ImageNetDataset(os.path.join(imagenette_root, split), is_training=split == 'train')
+        assert len(ours) == len(stock.data)
+        assert {ours.path(i): int(ours.targets[i]) for i in range(len(ours))} == dict(stock.data)

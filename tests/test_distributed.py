@@ -1,0 +1,115 @@
+"""DDP under torchrun on CPU (gloo, 2 processes): same updates as one process, exact eval, one writer,
+fast failure when a rank dies, resume after torchrun restarts the job."""
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import torch
+
+from conftest import REPO
+from test_resume import SMALL_RUN
+
+TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
+ENTRY = os.path.join(REPO, 'entry', 'imagenet_res18_main.py')
+WORKER = os.path.join(REPO, 'tests', '_ddp_equivalence.py')
+
+
+def run(args, timeout=300, **kwargs):
+    return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def entry_args(root, out, exp_name, epochs, *extra):
+    args = [ENTRY, '--data-root', root, '--exp-name', exp_name, '--set', f'output_dir={out}',
+            '--set', f'policy.learn.train_epoch={epochs}']
+    for item in SMALL_RUN + list(extra):
+        args += ['--set', item]
+    return args
+
+
+def test_two_process_steps_equal_one_process_on_the_combined_batch(tmp_path):
+    single, double = tmp_path / 'single.pt', tmp_path / 'double.pt'
+    one = run([sys.executable, WORKER, str(single)])
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = run(TORCHRUN + [WORKER, str(double)])
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = torch.load(single), torch.load(double)
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-5, rtol=1e-4), key
+    assert not torch.equal(a['backbone.fc.weight'], torch.zeros_like(a['backbone.fc.weight']))
+
+
+def test_two_process_run_exact_eval_and_exactly_one_writer(tiny_image_folder, tmp_path):
+    result = run(TORCHRUN + entry_args(tiny_image_folder, tmp_path, 'ddp', 2), timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    exp = tmp_path / 'ddp'
+    summary = json.loads((exp / 'summary.json').read_text())
+    assert summary['world_size'] == 2 and summary['eval_samples'] == 15  # 15 val images: not divisible by 2
+    assert summary['epochs'] == 2
+    events = [n for n in os.listdir(exp / 'tb') if n.startswith('events.out.tfevents')]
+    assert len(events) == 1
+    assert sorted(os.listdir(exp / 'ckpt')) == ['ckpt_best.pth.tar', 'epoch_1_iter_3.pth.tar', 'epoch_2_iter_6.pth.tar']
+    assert [p.name for p in (exp / 'log').iterdir()] and not list(tmp_path.glob('*rank1*'))
+    # The same checkpoint evaluated by one process gives the same numbers as the 2-process evaluation.
+    final = exp / 'ckpt' / 'epoch_2_iter_6.pth.tar'
+    single = run([sys.executable, ENTRY, '--eval-only', '--resume', str(final), '--data-root', tiny_image_folder])
+    assert single.returncode == 0, single.stderr[-2000:]
+    match = re.search(r'acc1 ([\d.]+) acc5 ([\d.]+) loss ([\d.]+) \((\d+) images\)', single.stdout)
+    assert float(match.group(1)) == pytest.approx(summary['acc1'], abs=0.01)
+    assert float(match.group(3)) == pytest.approx(summary['loss'], abs=1e-4)
+    assert int(match.group(4)) == 15
+
+
+def _rank_process(launcher: subprocess.Popen, rank: int, deadline: float) -> psutil.Process:
+    while time.time() < deadline:
+        for child in psutil.Process(launcher.pid).children(recursive=True):
+            try:
+                if child.environ().get('RANK') == str(rank) and 'imagenet_res18_main' in ' '.join(child.cmdline()):
+                    return child
+            except psutil.Error:
+                continue
+        time.sleep(0.2)
+    raise AssertionError(f'rank {rank} never started')
+
+
+def _wait_for(path, deadline):
+    while time.time() < deadline and not os.path.exists(path):
+        time.sleep(0.2)
+    assert os.path.exists(path), f'{path} never appeared'
+
+
+def test_killed_rank_fails_the_job_fast_naming_the_rank(tiny_image_folder, tmp_path):
+    args = TORCHRUN + entry_args(tiny_image_folder, tmp_path, 'dies', 200)
+    launcher = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for(tmp_path / 'dies' / 'ckpt' / 'epoch_1_iter_3.pth.tar', time.time() + 240)
+        _rank_process(launcher, 1, time.time() + 30).kill()
+        killed_at = time.time()
+        output, _ = launcher.communicate(timeout=90)
+    finally:
+        launcher.kill()
+    assert launcher.returncode != 0
+    assert time.time() - killed_at < 60
+    assert re.search(r'rank\s*:\s*1\b', output), output[-3000:]
+
+
+def test_torchrun_restart_resumes_from_the_last_checkpoint(tiny_image_folder, tmp_path):
+    epochs = 40  # long enough that the kill lands mid-run
+    args = TORCHRUN[:3] + ['--max-restarts=1'] + TORCHRUN[3:] + entry_args(tiny_image_folder, tmp_path, 'elastic',
+                                                                             epochs)
+    launcher = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for(tmp_path / 'elastic' / 'ckpt' / 'epoch_2_iter_6.pth.tar', time.time() + 240)
+        _rank_process(launcher, 1, time.time() + 30).kill()
+        output, _ = launcher.communicate(timeout=400)
+    finally:
+        launcher.kill()
+    assert launcher.returncode == 0, output[-3000:]
+    assert 'resumed from' in output and 'epoch_' in output
+    summary = json.loads((tmp_path / 'elastic' / 'summary.json').read_text())
+    assert summary['epochs'] == epochs
+    assert [d.name for d in tmp_path.iterdir() if d.name.startswith('elastic')] == ['elastic']  # no second folder

@@ -1,0 +1,262 @@
+"""Seeing the training: progress bar vs plain lines, data-wait share and memory scalars, the diagnostic metric,
+TensorBoard image panels, and summary.json provenance."""
+import io
+import json
+import os
+import re
+import subprocess
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from ding.worker import MetricSerialEvaluator
+from easydict import EasyDict
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboardX import SummaryWriter
+
+from conftest import REPO
+from dizoo_imgcls import hooks
+from dizoo_imgcls.data import DistributedSampler
+from dizoo_imgcls.hooks import TrainLoggerHook, use_progress_bar
+from dizoo_imgcls.metric import DiagnosticMetric, EvalDiagnostics, Mistake
+from dizoo_imgcls.runtime import setup_logging
+from dizoo_imgcls.summary import config_sha256, git_commit, package_versions, peak_rss_mb
+from dizoo_imgcls.tb_visuals import (IMAGE_TAGS, TensorBoardVisuals, confusion_image, image_grid, per_class_tags,
+                                     spread_indices)
+from test_entry import run_entry
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_only_for_rank_0_on_an_interactive_terminal():
+    assert use_progress_bar(Terminal(), 0, {'TERM': 'xterm'})
+    assert not use_progress_bar(io.StringIO(), 0, {'TERM': 'xterm'})  # a pipe or file: plain lines
+    assert not use_progress_bar(Terminal(), 1, {'TERM': 'xterm'})  # other ranks never draw
+    assert not use_progress_bar(Terminal(), 0, {'TERM': 'xterm', 'CI': 'true'})
+    assert not use_progress_bar(Terminal(), 0, {'TERM': 'dumb'})
+    assert not use_progress_bar(object(), 0, {})  # no isatty at all
+
+
+class RecordingWriter:
+    def __init__(self):
+        self.scalars = {}
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.setdefault(tag, []).append((step, value))
+
+    def flush(self):
+        pass
+
+
+def run_hook(hook, iterations, monkeypatch, wall_s=1.0, step_s=0.75):
+    """Feed the hook ``iterations`` steps of ``wall_s`` seconds each, ``step_s`` of them in the policy."""
+    clock = iter(np.arange(0.0, wall_s * (iterations + 1), wall_s).tolist())
+    monkeypatch.setattr(hooks, 'time', SimpleNamespace(perf_counter=lambda: next(clock)))  # the hook's clock only
+    engine = SimpleNamespace(last_iter=SimpleNamespace(val=0), log_buffer={})
+    hook.mark_epoch_start()
+    for i in range(iterations):
+        engine.log_buffer['scalar'] = dict(loss=1.0 / (i + 1), acc1=50.0, lr=0.1, batch_size=8, step_time=step_s)
+        hook(engine)
+        engine.last_iter.val += 1
+
+
+def test_plain_lines_epoch_summaries_and_train_scalars(tmp_path, capsys, monkeypatch):
+    setup_logging(str(tmp_path))
+    tb = RecordingWriter()
+    hook = TrainLoggerHook(tb, log_every=2, total_iters=10, iters_per_epoch=5, progress_bar=False)
+    run_hook(hook, 10, monkeypatch)
+    lines = capsys.readouterr().out.splitlines()
+    assert len([line for line in lines if ' iter ' in line]) == 5  # iterations 2, 4, 6, 8, 10
+    summaries = [line for line in lines if ' done in ' in line]
+    assert len(summaries) == 2 and 'epoch 1 done in 0:00:05' in summaries[0]
+    assert '8.0 img/s' in summaries[0] and 'data wait 25%' in summaries[0] and 'MiB' in summaries[0]
+    assert '\r' not in ''.join(lines)
+    assert [v for _, v in tb.scalars['train/data_wait_share']] == pytest.approx([0.25] * 5)
+    assert [s for s, _ in tb.scalars['train/loss']] == [2, 4, 6, 8, 10]
+    assert all(v > 10 for _, v in tb.scalars['train/peak_rss_mb'])  # a Python process with torch: > 10 MiB
+    assert 'train/cuda_max_allocated_mb' not in tb.scalars  # no CUDA used
+    assert hook.data_wait_share == pytest.approx(0.25) and hook.img_per_sec == pytest.approx(8.0)
+
+
+def test_progress_bar_mode_one_bar_per_epoch_and_lines_only_in_the_log_file(tmp_path, capsys, monkeypatch):
+    setup_logging(str(tmp_path))
+    terminal = Terminal()
+    hook = TrainLoggerHook(RecordingWriter(), log_every=2, total_iters=10, iters_per_epoch=5, progress_bar=True,
+                           stream=terminal)
+    run_hook(hook, 10, monkeypatch)
+    bars = terminal.getvalue()
+    assert 'epoch 1/2' in bars and 'epoch 2/2' in bars and '5/5' in bars
+    assert 'img/s' in bars and 'eta' in bars and 'loss' in bars
+    console = capsys.readouterr().out
+    assert ' iter ' not in console and console.count(' done in ') == 2  # summaries only
+    log_file = (tmp_path / 'train.log').read_text()
+    assert log_file.count(' iter ') == 5 and log_file.count(' done in ') == 2
+
+
+def test_hook_never_draws_on_other_ranks():
+    assert not TrainLoggerHook(RecordingWriter(), 1, 10, 5, rank=1, progress_bar=True).progress_bar
+
+
+def test_diagnostic_metric_confusion_and_most_confident_mistakes_by_dataset_index():
+    sampler = DistributedSampler(6, num_replicas=2, rank=1, shuffle=False)  # this rank sees indices 1, 3, 5
+    metric = DiagnosticMetric('acc1', num_classes=3, sampler=sampler, keep_mistakes=1)
+    logits = torch.tensor([[0.0, 3.0, 0.0], [0.0, 0.0, 5.0], [0.0, 4.0, 0.0]])
+    for _ in range(2):  # a second pass starts from scratch
+        result = metric.reduce_mean([metric.eval(logits[:2], torch.tensor([1, 0])),
+                                     metric.eval(logits[2:], torch.tensor([2]))])
+    assert result['acc1'] == pytest.approx(100 / 3)
+    diagnostics = metric.last_diagnostics
+    assert diagnostics.confusion.tolist() == [[0, 0, 1], [0, 1, 0], [0, 1, 0]]
+    p_top = float(torch.softmax(logits[1], 0).max())
+    assert diagnostics.mistakes == [Mistake(pytest.approx(p_top), 3, 0, 2)]  # 2nd sample of rank 1 = index 3
+    accuracy = diagnostics.per_class_accuracy().tolist()
+    assert accuracy[0] == 0.0 and accuracy[1] == 100.0 and accuracy[2] == 0.0
+
+
+def test_diagnostic_metric_in_dingengine_evaluator_equals_the_plain_metric(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
+    loader = torch.utils.data.DataLoader(list(zip(torch.arange(10.0).view(10, 1), labels)), batch_size=4)
+
+    class Policy:  # right on the first 6 samples, wrong on the rest, more confident the higher the index
+        def forward(self, x):
+            idx = x.view(-1).long()
+            predicted = torch.where(idx < 6, labels[idx], (labels[idx] + 1) % 3)
+            return torch.nn.functional.one_hot(predicted, 3) * (1.0 + idx.view(-1, 1))
+
+        def reset(self):
+            pass
+
+    metric = DiagnosticMetric(num_classes=3, keep_mistakes=3)
+    evaluator = MetricSerialEvaluator(EasyDict(eval_freq=1, stop_value=101.0, multi_gpu=False), [loader, metric],
+                                      Policy(), exp_name='exp')
+    _, result = evaluator.eval(None, train_iter=1)
+    assert result['acc1'] == pytest.approx(60.0) and result['samples'] == 10
+    assert metric.last_diagnostics.confusion.sum() == 10 and metric.last_diagnostics.confusion.trace() == 6
+    assert [m.index for m in metric.last_diagnostics.mistakes] == [9, 8, 7]  # the 3 most confident of 6..9
+
+
+def _two_rank_worker(rank, port, out_path):
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    dist.init_process_group('gloo', rank=rank, world_size=2)
+    logits, labels = torch.randn(7, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 3, 0, 1, 2])
+    sampler = DistributedSampler(7, 2, rank, shuffle=False)
+    shard = list(sampler)
+    metric = DiagnosticMetric(num_classes=4, sampler=sampler, keep_mistakes=3)
+    metric.reduce_mean([metric.eval(logits[shard], labels[shard])])
+    if rank == 0:
+        torch.save({'confusion': metric.last_diagnostics.confusion,
+                    'mistakes': [m.index for m in metric.last_diagnostics.mistakes]}, out_path)
+    dist.destroy_process_group()
+
+
+def test_two_ranks_give_the_single_process_confusion_and_mistakes(tmp_path):
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    mp.spawn(_two_rank_worker, args=(port, str(tmp_path / 'out.pt')), nprocs=2)
+    two = torch.load(tmp_path / 'out.pt')
+    metric = DiagnosticMetric(num_classes=4, keep_mistakes=3)
+    logits, labels = torch.randn(7, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 3, 0, 1, 2])
+    metric.reduce_mean([metric.eval(logits, labels)])
+    assert torch.equal(two['confusion'], metric.last_diagnostics.confusion)
+    assert two['mistakes'] == [m.index for m in metric.last_diagnostics.mistakes]
+
+
+def test_pictures_have_the_right_size_and_captions_do_not_blank_the_image():
+    images = [np.full((32, 32, 3), 60 * i, np.uint8) for i in range(5)]
+    grid = image_grid(images, ['a', 'b\nc', 'd', 'e', 'f'], columns=4, tile_px=64)
+    assert grid.shape[1] == 4 * 64 + 3 * 2 and grid.dtype == np.uint8
+    assert (grid[10:50, 66 + 10:66 + 50] == 60).all()  # 2nd tile: the image, enlarged
+    small = confusion_image(torch.tensor([[3, 1], [0, 4]]), ['tench', 'church'])
+    big = confusion_image(torch.eye(200, dtype=torch.int64), [str(i) for i in range(200)])
+    assert small.ndim == 3 and big.shape == (400, 400, 3)
+    assert per_class_tags(['crane', 'crane', 'great white shark']) == [
+        'eval_per_class/crane', 'eval_per_class/crane_1', 'eval_per_class/great_white_shark']
+    assert spread_indices(100, 4) == [0, 33, 66, 99] and spread_indices(2, 16) == [0, 1]
+
+
+def _fake_data(images, labels):
+    dataset = list(zip(images, labels))
+    loader = SimpleNamespace(dataset=dataset)
+    return SimpleNamespace(train_loader=loader, val_loader=loader, class_names=['n01', 'n02'],
+                           display_names=['tench', 'church'])
+
+
+def test_visuals_write_training_grid_confusion_per_class_and_mistakes(tmp_path):
+    images = [torch.full((3, 24, 24), 40 * i, dtype=torch.uint8) for i in range(6)]
+    data = _fake_data(images, [0, 0, 0, 1, 1, 1])
+    metric = DiagnosticMetric(num_classes=2)
+    metric.last_diagnostics = EvalDiagnostics(torch.tensor([[3, 0], [1, 2]]), [Mistake(0.9, 4, 1, 0)])
+    with SummaryWriter(str(tmp_path)) as tb:
+        visuals = TensorBoardVisuals(tb, data, metric)
+        visuals.log_training_images(0)
+        visuals(SimpleNamespace(iteration=7))
+    events = EventAccumulator(str(tmp_path), size_guidance={'images': 0})
+    events.Reload()
+    assert set(IMAGE_TAGS.values()) <= set(events.Tags()['images'])
+    assert events.Scalars('eval_per_class/tench')[0].value == 100.0
+    assert events.Scalars('eval_per_class/church')[0].value == pytest.approx(200 / 3)
+    assert events.Images(IMAGE_TAGS['mistakes'])[0].step == 7
+
+
+def test_visuals_skip_data_that_are_not_images(tmp_path):
+    data = _fake_data([torch.tensor([1.0, 2.0])] * 4, [0, 1, 0, 1])  # e.g. the OVERFIT demo's coordinates
+    metric = DiagnosticMetric(num_classes=2)
+    metric.last_diagnostics = EvalDiagnostics(torch.tensor([[1, 1], [0, 2]]), [Mistake(0.8, 1, 0, 1)])
+    with SummaryWriter(str(tmp_path)) as tb:
+        visuals = TensorBoardVisuals(tb, data, metric)
+        visuals.log_training_images(0)
+        visuals(SimpleNamespace(iteration=1))
+    events = EventAccumulator(str(tmp_path), size_guidance={'images': 0})
+    events.Reload()
+    assert events.Tags()['images'] == [IMAGE_TAGS['confusion']]
+
+
+def test_provenance_helpers(tmp_path):
+    a = {'x': 1, 'y': {'b': [1, 2], 'a': None}}
+    assert config_sha256(a) == config_sha256({'y': {'a': None, 'b': (1, 2)}, 'x': 1})
+    assert config_sha256(a) != config_sha256({'x': 2, 'y': {'b': [1, 2], 'a': None}})
+    assert re.fullmatch(r'[0-9a-f]{64}', config_sha256(a))
+    head = subprocess.run(['git', '-C', REPO, 'rev-parse', 'HEAD'], capture_output=True, text=True)
+    assert git_commit() == (head.stdout.strip() if head.returncode == 0 else None)
+    assert git_commit(str(tmp_path)) is None  # not a work tree: no commit, no exception
+    assert package_versions()['torch'] == torch.__version__.split('+')[0]
+    assert peak_rss_mb() > 10
+
+
+def test_short_run_writes_panels_summary_and_plain_console(tiny_image_folder, tmp_path):
+    result = run_entry(
+        '--data-root', tiny_image_folder, '--exp-name', 'obs', '--set', f'output_dir={tmp_path}',
+        '--set', 'data.image_size=32', '--set', 'policy.learn.batch_size=8', '--set', 'policy.learn.train_epoch=2',
+        '--set', 'policy.learn.warmup_epochs=0', '--set', 'data.num_workers=0', '--set', 'log_every=2')
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert '\r' not in result.stdout and result.stdout.count(' done in 0:') == 2  # no TTY: plain lines
+    exp = tmp_path / 'obs'
+    summary = json.loads((exp / 'summary.json').read_text())
+    assert summary['best_metrics']['acc1'] == summary['best_acc1'] and summary['metric_key'] == 'acc1'
+    assert summary['peak_rss_mb'] > 10 and 0 <= summary['train_data_wait_share'] < 1
+    assert summary['versions']['DI-engine'] and summary['versions']['dizoo_imgcls']
+    assert summary['config_sha256'] == config_sha256(_compiled_config(exp))
+    events = EventAccumulator(str(exp / 'tb'), size_guidance={'images': 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {'train/data_wait_share', 'train/peak_rss_mb', 'eval_per_class/a_red', 'eval_per_class/c_blue'} \
+        <= set(tags['scalars'])
+    assert {IMAGE_TAGS['train_grid'], IMAGE_TAGS['confusion']} <= set(tags['images'])
+    hparams = EventAccumulator(str(exp / 'tb' / 'hparams'))
+    hparams.Reload()
+    assert hparams.Scalars('hparam/acc1')[0].value == pytest.approx(summary['acc1'])
+
+
+def _compiled_config(exp):
+    """The config the run saved (total_config.py), loaded back."""
+    from dizoo_imgcls.config import load_config_file
+    return load_config_file(str(exp / 'total_config.py'))

@@ -1,0 +1,297 @@
+"""entry/predict.py and entry/export.py on a real (briefly trained) checkpoint and real image files."""
+import csv
+import importlib.util
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO
+from dizoo_imgcls.checkpoint import CHECKPOINT_FORMAT, atomic_torch_save, load_checkpoint, rng_state, to_plain
+from dizoo_imgcls.config import default_config
+from dizoo_imgcls.data import build_datasets
+from dizoo_imgcls.model import IMAGENET_MEAN, IMAGENET_STD
+from dizoo_imgcls.policy import ImageClassificationPolicy
+from dizoo_imgcls.predict import checkpoint_class_names, load_model_from_checkpoint
+
+COLOURS = {'a_red': (200, 30, 30), 'b_green': (30, 200, 30), 'c_blue': (30, 30, 200)}
+DISPLAY = ['red', 'green', 'blue']
+IMAGE_PX = 32
+
+
+def load_entry(name):
+    spec = importlib.util.spec_from_file_location(f'_entry_{name}', os.path.join(REPO, 'entry', f'{name}.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def colour_image(colour, rng, size=(40, 48)):
+    return np.clip(np.array(colour) + rng.normal(0, 20, (*size, 3)), 0, 255).astype(np.uint8)
+
+
+def settle_batchnorm(model, batches):
+    """BN running statistics as the plain average over the training batches: after 6 steps the default
+    momentum leaves them half-way from their initial values, and eval mode would be needlessly unsure."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None
+    model.train()
+    with torch.no_grad():
+        for images in batches:
+            model(images)
+
+
+@pytest.fixture(scope='module')
+def checkpoint_path(tmp_path_factory):
+    """A checkpoint in the documented layout of a ResNet-18 trained for a few steps on colour = class."""
+    torch.manual_seed(0)
+    cfg = default_config()
+    cfg.data.image_size = IMAGE_PX
+    cfg.policy.cuda = False
+    cfg.policy.model.num_classes = len(COLOURS)
+    cfg.policy.learn.update(dict(batch_size=12, iters_per_epoch=6, train_epoch=1, warmup_epochs=0, amp='none',
+                                 lr_per_256=1.0))
+    policy = ImageClassificationPolicy(cfg.policy, enable_field=['learn'])
+    rng = np.random.default_rng(0)
+    labels = torch.arange(12) % len(COLOURS)
+    batches = []
+    for _ in range(cfg.policy.learn.iters_per_epoch):
+        pixels = [colour_image(list(COLOURS.values())[c], rng, (IMAGE_PX, IMAGE_PX)) for c in labels.tolist()]
+        batches.append(torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous())
+        policy.learn_mode.forward([batches[-1], labels])
+    settle_batchnorm(policy._model, batches)
+    state = {
+        'format': CHECKPOINT_FORMAT, 'policy': policy.learn_mode.state_dict(),
+        'last_iter': cfg.policy.learn.iters_per_epoch, 'position': {'epoch': 1, 'batch': 0}, 'rng': rng_state(),
+        'best': {'metric': None, 'epoch': 0}, 'history': [], 'config': to_plain(cfg),
+        'class_names': list(COLOURS), 'display_names': DISPLAY,
+    }
+    path = str(tmp_path_factory.mktemp('ckpt') / 'iteration_6.pth.tar')
+    atomic_torch_save(state, path)
+    return path
+
+
+def save_colour(path, colour, rng, size=(40, 48)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(colour_image(colour, rng, size)).save(path)
+
+
+@pytest.fixture(scope='module')
+def data_root(tmp_path_factory):
+    """ImageNet layout: one train image per class (the class index) and a val split with small and large
+    JPEGs (the 200x160 one is decoded at 1/4 scale with data.jpeg_draft), a PNG and a grayscale PNG."""
+    root = tmp_path_factory.mktemp('data')
+    rng = np.random.default_rng(1)
+    for cls, colour in COLOURS.items():
+        save_colour(root / 'train' / cls / '0.jpg', colour, rng)
+    save_colour(root / 'val' / 'a_red' / 'big.jpg', COLOURS['a_red'], rng, (200, 160))
+    save_colour(root / 'val' / 'a_red' / 'red.jpg', COLOURS['a_red'], rng)
+    save_colour(root / 'val' / 'b_green' / 'green.png', COLOURS['b_green'], rng)
+    save_colour(root / 'val' / 'c_blue' / 'blue.jpg', COLOURS['c_blue'], rng, (64, 40))
+    Image.fromarray(np.full((40, 48), 128, np.uint8), mode='L').save(root / 'val' / 'c_blue' / 'gray.png')
+    return root
+
+
+@pytest.fixture(scope='module')
+def mixed_dir(tmp_path_factory):
+    """Good images (one in a sub-folder); bad ones: a truncated JPEG, an empty PNG, a text file named .png;
+    never read: a .txt file and a hidden file (the training reader skips both too)."""
+    root = tmp_path_factory.mktemp('mixed')
+    rng = np.random.default_rng(2)
+    save_colour(root / 'red.jpg', COLOURS['a_red'], rng)
+    save_colour(root / 'green.png', COLOURS['b_green'], rng)
+    save_colour(root / 'sub' / 'blue.jpg', COLOURS['c_blue'], rng)
+    (root / 'broken.jpg').write_bytes((root / 'red.jpg').read_bytes()[:300])  # a JPEG cut short
+    (root / 'empty.png').write_bytes(b'')
+    (root / 'fake.png').write_text('text saved under an image name')
+    (root / 'notes.txt').write_text('no image extension')
+    (root / '._red.jpg').write_bytes(b'macOS resource fork')
+    return root
+
+
+GOOD = ['green.png', 'red.jpg', os.path.join('sub', 'blue.jpg')]
+BAD = {'broken.jpg': 'damaged image data', 'empty.png': 'empty file (0 bytes)',
+       'fake.png': 'not an image'}
+
+
+def run_predict(capsys, *argv):
+    code = load_entry('predict').main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_json_top1_is_the_models_argmax_on_the_training_val_pipeline(checkpoint_path, data_root, capsys):
+    code, out, err = run_predict(capsys, '--checkpoint', checkpoint_path, '--input', str(data_root / 'val'),
+                                 '--topk', '10', '--format', 'json', '--batch-size', '2')
+    assert code == 0 and err == ''
+    records = json.loads(out)
+    model, config, _ = load_model_from_checkpoint(checkpoint_path)
+    assert config['data']['jpeg_draft']
+    # The val split exactly as training built it; its order (class, then path) is predict's sorted order here.
+    _, val_set = build_datasets({**config['data'], 'root': str(data_root)})
+    assert len(records) == len(val_set) == 5
+    for record, (pixels, target) in zip(records, val_set):
+        top = record['predictions']
+        assert [p['rank'] for p in top] == [1, 2, 3]  # topk clamped to the 3 classes
+        assert sum(p['probability'] for p in top) == pytest.approx(1.0, abs=1e-5)
+        with torch.no_grad():
+            expected = torch.softmax(model(pixels.unsqueeze(0)), dim=1)[0]
+        assert top[0]['class_index'] == int(expected.argmax())
+        assert top[0]['class_name'] == DISPLAY[top[0]['class_index']]
+        for p in top:
+            assert p['probability'] == pytest.approx(float(expected[p['class_index']]), abs=1e-5)
+        if 'gray' not in record['path']:
+            assert top[0]['class_index'] == target  # the colours were learned
+
+
+def test_bad_files_are_reported_once_each_and_the_rest_predicted_as_csv(checkpoint_path, mixed_dir, capsys):
+    code, out, err = run_predict(capsys, '--checkpoint', checkpoint_path, '--input', str(mixed_dir),
+                                 '--topk', '2', '--format', 'csv')
+    assert code == 0
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert [os.path.relpath(r['path'], mixed_dir) for r in rows[::2]] == GOOD  # sorted, recursive
+    assert [r['rank'] for r in rows] == ['1', '2'] * len(GOOD)
+    assert all(0.0 <= float(r['probability']) <= 1.0 and r['class_name'] in DISPLAY for r in rows)
+    lines = err.strip().splitlines()
+    assert len(lines) == len(BAD), err
+    for line, (name, reason) in zip(lines, sorted(BAD.items())):
+        assert line.startswith(f'skipped {mixed_dir / name}: {reason}'), line
+
+
+def test_table_for_one_file_names_the_image_and_its_classes(checkpoint_path, mixed_dir, capsys):
+    image = str(mixed_dir / 'red.jpg')
+    code, out, err = run_predict(capsys, '--checkpoint', checkpoint_path, '--input', image, '--topk', '1')
+    assert code == 0 and err == ''
+    lines = out.strip().splitlines()
+    assert lines[0] == image and len(lines) == 2
+    assert lines[1].split()[:2] == ['1.', 'red'] and lines[1].endswith('%')
+
+
+def test_nothing_predictable_exits_1(checkpoint_path, mixed_dir, tmp_path, capsys):
+    code, out, err = run_predict(capsys, '--checkpoint', checkpoint_path,
+                                 '--input', str(mixed_dir / 'broken.jpg'), str(tmp_path / 'missing'))
+    assert code == 1 and out == ''
+    assert 'broken.jpg' in err and 'missing: no such file or folder' in err and 'no image could be predicted' in err
+
+
+class RunsCode:
+    """Unpickling this runs ``os.system``: what a malicious checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f'touch {self.marker}',)
+
+
+def malicious_checkpoint(folder):
+    marker, bad = folder / 'pwned', folder / 'evil.pth.tar'
+    torch.save({'format': CHECKPOINT_FORMAT, 'config': RunsCode(marker)}, bad)
+    return bad, marker
+
+
+def test_malicious_checkpoint_is_refused_by_predict_process_with_exit_2(tmp_path):
+    bad, marker = malicious_checkpoint(tmp_path)
+    result = subprocess.run([sys.executable, os.path.join(REPO, 'entry', 'predict.py'), '--checkpoint', str(bad),
+                             '--input', str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 2 and not marker.exists() and result.stdout == ''
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(bad) in lines[0] and 'refusing' in lines[0], result.stderr
+    torch.load(bad, weights_only=False)  # the file really is malicious: an unsafe load runs its code
+    assert marker.exists()
+
+
+def test_malicious_checkpoint_is_refused_by_export_with_exit_2(tmp_path, capsys):
+    bad, marker = malicious_checkpoint(tmp_path)
+    out_file = tmp_path / 'x.onnx'
+    code = load_entry('export').main(['--checkpoint', str(bad), '--format', 'onnx', '--output', str(out_file)])
+    err = capsys.readouterr().err
+    assert code == 2 and not marker.exists() and not out_file.exists()
+    assert len(err.strip().splitlines()) == 1 and str(bad) in err and 'refusing' in err
+
+
+def write_bad_checkpoint(kind, path, good_path):
+    if kind == 'empty':
+        path.write_bytes(b'')
+    elif kind == 'garbage':
+        path.write_bytes(b'not a torch file')
+    elif kind == 'truncated':
+        path.write_bytes(open(good_path, 'rb').read()[:5000])
+    elif kind == 'state_dict':  # loads safely, but is not our layout
+        torch.save({'weight': torch.zeros(2)}, path)
+    else:  # our layout, but resnet18 weights under a resnet34 config
+        state = load_checkpoint(good_path)
+        state['config']['policy']['model']['name'] = 'resnet34'
+        torch.save(state, path)
+
+
+@pytest.mark.parametrize('kind, says', [('empty', ''), ('garbage', ''), ('truncated', ''),
+                                        ('state_dict', 'is not a dizoo_imgcls checkpoint'),
+                                        ('other_model', "cannot rebuild model 'resnet34'")])
+def test_damaged_or_foreign_checkpoint_is_one_line_and_exit_2(checkpoint_path, tmp_path, capsys, kind, says):
+    bad = tmp_path / 'bad.pth.tar'
+    write_bad_checkpoint(kind, bad, checkpoint_path)
+    code, out, err = run_predict(capsys, '--checkpoint', str(bad), '--input', str(tmp_path))
+    assert code == 2 and out == ''
+    assert len(err.strip().splitlines()) == 1 and str(bad) in err and says in err, err
+
+
+def run_exported(fmt, path, images):
+    if fmt == 'torchscript':
+        return torch.jit.load(path)(images)
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(path, providers=['CPUExecutionProvider'])
+    return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: images.numpy()})[0])
+
+
+@pytest.mark.filterwarnings('ignore:`torch.jit.load` is deprecated')
+@pytest.mark.parametrize('fmt, suffix', [('torchscript', '.pt'), ('onnx', '.onnx')])
+def test_export_reloads_and_matches_pytorch_on_another_batch_size(checkpoint_path, tmp_path, capsys, fmt, suffix):
+    out_file = str(tmp_path / f'model{suffix}')
+    code = load_entry('export').main(['--checkpoint', checkpoint_path, '--format', fmt, '--output', out_file])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    printed = float(out.split('(traced with 2): ')[1].split()[0])
+    assert 0.0 <= printed < 1e-4
+    model, _, _ = load_model_from_checkpoint(checkpoint_path)
+    images = torch.randint(0, 256, (5, 3, IMAGE_PX, IMAGE_PX), dtype=torch.uint8)  # traced 2, verified 3
+    with torch.no_grad():
+        expected = model(images)
+    actual = run_exported(fmt, out_file, images)
+    assert actual.shape == (5, 3)
+    assert (actual - expected).abs().max().item() < 1e-4
+    meta = json.loads(open(out_file + '.json').read())
+    assert meta['class_names'] == DISPLAY and meta['export_format'] == fmt
+    assert meta['input']['dtype'] == 'uint8' and meta['input']['shape'] == ['batch', 3, IMAGE_PX, IMAGE_PX]
+    assert meta['preprocessing']['resize_shorter_side_px'] == round(IMAGE_PX / 0.875)
+    assert meta['preprocessing']['mean'] == pytest.approx(IMAGENET_MEAN)
+    assert meta['preprocessing']['std'] == pytest.approx(IMAGENET_STD)
+    assert meta['verification']['max_abs_diff_vs_pytorch_fp32'] == pytest.approx(printed, rel=1e-2, abs=1e-12)
+
+
+def test_export_that_misses_the_tolerance_is_removed_and_exits_1(checkpoint_path, tmp_path, capsys, monkeypatch):
+    from dizoo_imgcls import export
+
+    monkeypatch.setattr(export, 'MAX_ABS_DIFF', 0.0)  # no difference is below 0: verification must fail
+    out_file = tmp_path / 'model.pt'
+    code = load_entry('export').main(['--checkpoint', checkpoint_path, '--format', 'torchscript',
+                                      '--output', str(out_file)])
+    err = capsys.readouterr().err
+    assert code == 1 and 'differs from PyTorch' in err and str(out_file) in err
+    assert not out_file.exists() and not (tmp_path / 'model.pt.json').exists()
+
+
+def test_folder_names_are_shown_when_the_checkpoint_has_no_display_names():
+    state = {'class_names': ['n01440764', 'n02102040'], 'display_names': None}
+    assert checkpoint_class_names(state, 'x.pth.tar') == ['n01440764', 'n02102040']
+    state['display_names'] = ['tench', 'English springer']
+    assert checkpoint_class_names(state, 'x.pth.tar') == ['tench', 'English springer']

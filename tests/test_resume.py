@@ -1,0 +1,111 @@
+"""Exact resume and SIGKILL safety, on a small generated folder, through real processes."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO
+from dizoo_imgcls.checkpoint import load_checkpoint, step_checkpoints
+from dizoo_imgcls.config import build_config, load_config_file
+from dizoo_imgcls.train import train
+
+ENTRY = os.path.join(REPO, 'entry', 'imagenet_res18_main.py')
+DEFAULT_CONFIG = os.path.join(REPO, 'config', 'imagenet_res18_config.py')
+SMALL_RUN = ['data.image_size=32', 'data.num_workers=0', 'policy.learn.batch_size=8', 'policy.learn.warmup_epochs=1',
+             'policy.learn.amp="none"', 'deterministic=True', 'log_every=100']
+
+
+def small_cfg(root, out, epochs, exp_name, *extra):
+    """The config the entry builds from its default config file and these --set overrides."""
+    cfg = build_config(load_config_file(DEFAULT_CONFIG), SMALL_RUN + [f'policy.learn.train_epoch={epochs}', f'output_dir="{out}"',
+                                        f'exp_name="{exp_name}"', *extra])
+    cfg.data.root = root
+    return cfg
+
+
+def test_stopped_after_epoch_2_and_resumed_matches_uninterrupted_epoch_3(tiny_image_folder, tmp_path):
+    full = train(small_cfg(tiny_image_folder, tmp_path, 3, 'full'))
+    # The "interrupted" run: same recipe, its epoch-2 checkpoint taken from a run cut short after epoch 2.
+    # It loads with 2 worker processes: augmentation depends on (seed, epoch, index) only, not on workers.
+    cut = train(small_cfg(tiny_image_folder, tmp_path, 3, 'cut', 'checkpoint.keep_last=0', 'data.num_workers=2'))
+    epoch2 = [p for p in step_checkpoints(os.path.join(cut['exp_dir'], 'ckpt')) if 'epoch_2_' in p][0]
+    for path in step_checkpoints(os.path.join(cut['exp_dir'], 'ckpt')):
+        if path != epoch2:
+            os.remove(path)
+    resumed = train(small_cfg(tiny_image_folder, tmp_path, 3, 'cut', 'resume="auto"'))
+    assert resumed['exp_dir'] == cut['exp_dir']
+    assert resumed['acc1'] == full['acc1'] and resumed['loss'] == full['loss']
+    history = load_checkpoint(step_checkpoints(os.path.join(cut['exp_dir'], 'ckpt'))[-1])['history']
+    assert [h['epoch'] for h in history] == [1, 2, 3]
+
+
+def test_mid_epoch_resume_continues_from_the_saved_iteration(tiny_image_folder, tmp_path):
+    full = train(small_cfg(tiny_image_folder, tmp_path, 2, 'full'))
+    run = train(small_cfg(tiny_image_folder, tmp_path, 2, 'mid', 'checkpoint.every_n_iters=3',
+                          'checkpoint.keep_last=0'))
+    ckpts = step_checkpoints(os.path.join(run['exp_dir'], 'ckpt'))
+    mid = [p for p in ckpts if os.path.basename(p) == 'iter_6.pth.tar'][0]  # 5 batches/epoch: epoch 2, batch 1
+    state = load_checkpoint(mid)
+    assert state['position'] == {'epoch': 1, 'batch': 1} and state['last_iter'] == 6
+    for path in ckpts:
+        if path != mid:
+            os.remove(path)
+    resumed = train(small_cfg(tiny_image_folder, tmp_path, 2, 'mid', 'resume="auto"'))
+    final = load_checkpoint(step_checkpoints(os.path.join(run['exp_dir'], 'ckpt'))[-1])
+    assert final['last_iter'] == 10  # 4 more iterations, not a repeated epoch
+    assert resumed['acc1'] == full['acc1'] and resumed['loss'] == full['loss']
+
+
+def test_resume_with_another_schedule_is_refused(tiny_image_folder, tmp_path):
+    run = train(small_cfg(tiny_image_folder, tmp_path, 1, 'sched'))
+    with pytest.raises(Exception, match='different schedule.*train_epoch: 1 -> 2'):
+        train(small_cfg(tiny_image_folder, tmp_path, 2, 'sched', 'resume="auto"'))
+    assert os.path.exists(os.path.join(run['exp_dir'], 'summary.json'))
+
+
+def _start(root, out, epochs):
+    args = [sys.executable, ENTRY, '--data-root', root, '--exp-name', 'killed', '--resume', 'auto',
+            '--set', f'output_dir={out}', '--set', f'policy.learn.train_epoch={epochs}',
+            '--set', 'checkpoint.every_n_iters=2', '--set', 'checkpoint.keep_last=2']
+    for item in SMALL_RUN:
+        args += ['--set', item]
+    return subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _kill_during_write(proc, ckpt_dir, deadline):
+    """SIGKILL the moment a checkpoint temp file exists; True if it was caught mid-write."""
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.isdir(ckpt_dir) and any(n.startswith('.') and '.tmp-' in n for n in os.listdir(ckpt_dir)):
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return True
+        time.sleep(0.001)
+    return False
+
+
+def test_sigkill_at_random_moments_never_loses_or_repeats_an_epoch(tiny_image_folder, tmp_path):
+    epochs, rng = 4, random.Random(0)
+    reference = train(small_cfg(tiny_image_folder, tmp_path / 'ref', epochs, 'killed'))
+    out, ckpt_dir = tmp_path / 'runs', tmp_path / 'runs' / 'killed' / 'ckpt'
+    caught_mid_write = False
+    for attempt in range(4):
+        proc = _start(tiny_image_folder, out, epochs)
+        if attempt == 0:
+            caught_mid_write = _kill_during_write(proc, str(ckpt_dir), time.time() + 120)
+        else:
+            time.sleep(rng.uniform(6.0, 12.0))  # start-up takes a few seconds; then training is under way
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+    assert caught_mid_write, 'never saw a checkpoint being written'
+    proc = _start(tiny_image_folder, out, epochs)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    final = load_checkpoint(step_checkpoints(str(ckpt_dir))[-1])
+    assert [h['epoch'] for h in final['history']] == list(range(1, epochs + 1))
+    summary = json.loads((out / 'killed' / 'summary.json').read_text())
+    assert summary['epochs'] == epochs
+    assert summary['acc1'] == reference['acc1'] and summary['loss'] == pytest.approx(reference['loss'], abs=0)
