@@ -18,6 +18,7 @@ setup(
         'pillow>=10.1',  # ImageFont.load_default(size=) renders the OVERFIT demo's word
         'scikit-learn',  # ships the handwritten-digits images used by --demo
         'simplejpeg>=1.9',  # libjpeg-turbo decoding straight to reduced scale (data loader speed)
+        'tqdm>=4.61',  # per-epoch progress bar (tqdm.contrib.logging)
         'psutil',  # peak memory in summary.json, worker memory in benchmarks
         'cleanlab>=2.6',  # ranking of likely label errors (entry/find_label_issues.py)
         # ONNX export (entry/export.py): onnxscript runs torch.onnx's exporter, onnxruntime checks the result.

@@ -70,8 +70,10 @@ def build_lr_scheduler(
     peak = optimizer.param_groups[0]['lr']
     if schedule == 'onecycle':
         return OneCycleLR(
-            optimizer, max_lr=[g['lr'] for g in optimizer.param_groups], total_steps=total_iters + 1,
-            pct_start=max(warmup_iters, 1) / (total_iters + 1), anneal_strategy='cos', cycle_momentum=False,
+            # OneCycleLR divides by each phase's length - 1: both phases need 2+ steps, hence the 2 spare steps.
+            optimizer, max_lr=[g['lr'] for g in optimizer.param_groups], total_steps=total_iters + 2,
+            pct_start=min(max(warmup_iters, 2), total_iters + 1) / (total_iters + 2), anneal_strategy='cos',
+            cycle_momentum=False,
             div_factor=1.0 / warmup_start_factor,
             final_div_factor=warmup_start_factor / max(final_lr_factor, 1e-12),
         )
