@@ -27,10 +27,20 @@ def init_distributed(use_cuda: bool) -> Tuple[int, int]:
         cuda = use_cuda and torch.cuda.is_available()
         if cuda:
             torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', '0')))
-        dist.init_process_group(backend='nccl' if cuda else 'gloo')
+        dist.init_process_group(backend='nccl' if cuda else 'gloo', store=_attempt_store(world_size),
+                                rank=int(os.environ['RANK']), world_size=world_size)
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def _attempt_store(world_size: int) -> dist.Store:
+    """torchrun's key-value store, under a prefix per restart attempt: after ``--max-restarts`` brings the
+    job back, the new processes must not read the (dead) addresses the previous attempt published there."""
+    agent_store = os.environ.get('TORCHELASTIC_USE_AGENT_STORE', '').lower() == 'true'
+    store = dist.TCPStore(os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']), world_size,
+                          is_master=not agent_store and int(os.environ['RANK']) == 0)
+    return dist.PrefixStore(f'dizoo_imgcls/attempt{elastic_restart_count()}', store)
 
 
 def setup_logging(exp_dir: str = None, rank: int = 0) -> None:

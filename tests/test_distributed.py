@@ -1,5 +1,5 @@
 """DDP under torchrun on CPU (gloo, 2 processes): same updates as one process, exact eval, one writer,
-fast failure when a rank dies."""
+fast failure when a rank dies, resume after torchrun restarts the job."""
 import json
 import os
 import re
@@ -95,3 +95,21 @@ def test_killed_rank_fails_the_job_fast_naming_the_rank(tiny_image_folder, tmp_p
     assert launcher.returncode != 0
     assert time.time() - killed_at < 60
     assert re.search(r'rank\s*:\s*1\b', output), output[-3000:]
+
+
+def test_torchrun_restart_resumes_from_the_last_checkpoint(tiny_image_folder, tmp_path):
+    epochs = 40  # long enough that the kill lands mid-run
+    args = TORCHRUN[:3] + ['--max-restarts=1'] + TORCHRUN[3:] + entry_args(tiny_image_folder, tmp_path, 'elastic',
+                                                                             epochs)
+    launcher = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for(tmp_path / 'elastic' / 'ckpt' / 'epoch_2_iter_6.pth.tar', time.time() + 240)
+        _rank_process(launcher, 1, time.time() + 30).kill()
+        output, _ = launcher.communicate(timeout=400)
+    finally:
+        launcher.kill()
+    assert launcher.returncode == 0, output[-3000:]
+    assert 'resumed from' in output and 'epoch_' in output
+    summary = json.loads((tmp_path / 'elastic' / 'summary.json').read_text())
+    assert summary['epochs'] == epochs
+    assert [d.name for d in tmp_path.iterdir() if d.name.startswith('elastic')] == ['elastic']  # no second folder
