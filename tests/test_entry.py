@@ -15,6 +15,17 @@ def run_entry(*args, env=None, timeout=600):
                           env=full_env, cwd=REPO)
 
 
+def run_tiny(data_root, out_dir, exp_name, *extra):
+    """Two epochs on the generated 3-class folder at 32 px: the short real run several tests inspect."""
+    args = ['--data-root', data_root, '--exp-name', exp_name, '--set', f'output_dir={out_dir}']
+    for item in ('data.image_size=32', 'policy.learn.batch_size=8', 'policy.learn.train_epoch=2',
+                 'policy.learn.warmup_epochs=0', 'data.num_workers=0', 'log_every=2'):
+        args += ['--set', item]
+    result = run_entry(*args, *extra)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
 def test_missing_data_root_is_one_clear_line_and_exit_2(tmp_path):
     missing = tmp_path / 'nope'
     result = run_entry('--data-root', str(missing), '--set', f'output_dir={tmp_path}')
@@ -47,12 +58,7 @@ def test_val_class_unknown_to_train_is_a_clear_error(tiny_image_folder, tmp_path
 
 
 def test_short_run_on_generated_folder_writes_experiment(tiny_image_folder, tmp_path):
-    result = run_entry(
-        '--data-root', tiny_image_folder, '--exp-name', 'tiny', '--seed', '1',
-        '--set', f'output_dir={tmp_path}', '--set', 'data.image_size=32', '--set', 'policy.learn.batch_size=8',
-        '--set', 'policy.learn.train_epoch=2', '--set', 'policy.learn.warmup_epochs=0',
-        '--set', 'data.num_workers=0', '--set', 'log_every=2')
-    assert result.returncode == 0, result.stdout + result.stderr
+    result = run_tiny(tiny_image_folder, tmp_path, 'tiny', '--seed', '1')
     exp = tmp_path / 'tiny'
     summary = json.loads((exp / 'summary.json').read_text())
     assert summary['epochs'] == 2 and summary['eval_samples'] == 15 and summary['num_classes'] == 3

@@ -26,7 +26,7 @@ from dizoo_imgcls.runtime import setup_logging
 from dizoo_imgcls.summary import config_sha256, git_commit, package_versions, peak_rss_mb
 from dizoo_imgcls.tb_visuals import (IMAGE_TAGS, TensorBoardVisuals, confusion_image, image_grid, per_class_tags,
                                      spread_indices)
-from test_entry import run_entry
+from test_entry import run_tiny
 
 
 class Terminal(io.StringIO):
@@ -190,17 +190,23 @@ def _fake_data(images, labels):
                            display_names=['tench', 'church'])
 
 
+def _log_visuals(tmp_path, data, metric, iteration):
+    """Log the start-of-run grid and one eval's panels, then read the event file back."""
+    with SummaryWriter(str(tmp_path)) as tb:
+        visuals = TensorBoardVisuals(tb, data, metric)
+        visuals.log_training_images(0)
+        visuals(SimpleNamespace(iteration=iteration))
+    events = EventAccumulator(str(tmp_path), size_guidance={'images': 0})
+    events.Reload()
+    return events
+
+
 def test_visuals_write_training_grid_confusion_per_class_and_mistakes(tmp_path):
     images = [torch.full((3, 24, 24), 40 * i, dtype=torch.uint8) for i in range(6)]
     data = _fake_data(images, [0, 0, 0, 1, 1, 1])
     metric = DiagnosticMetric(num_classes=2)
     metric.last_diagnostics = EvalDiagnostics(torch.tensor([[3, 0], [1, 2]]), [Mistake(0.9, 4, 1, 0)])
-    with SummaryWriter(str(tmp_path)) as tb:
-        visuals = TensorBoardVisuals(tb, data, metric)
-        visuals.log_training_images(0)
-        visuals(SimpleNamespace(iteration=7))
-    events = EventAccumulator(str(tmp_path), size_guidance={'images': 0})
-    events.Reload()
+    events = _log_visuals(tmp_path, data, metric, iteration=7)
     assert set(IMAGE_TAGS.values()) <= set(events.Tags()['images'])
     assert events.Scalars('eval_per_class/tench')[0].value == 100.0
     assert events.Scalars('eval_per_class/church')[0].value == pytest.approx(200 / 3)
@@ -211,12 +217,7 @@ def test_visuals_skip_data_that_are_not_images(tmp_path):
     data = _fake_data([torch.tensor([1.0, 2.0])] * 4, [0, 1, 0, 1])  # e.g. the OVERFIT demo's coordinates
     metric = DiagnosticMetric(num_classes=2)
     metric.last_diagnostics = EvalDiagnostics(torch.tensor([[1, 1], [0, 2]]), [Mistake(0.8, 1, 0, 1)])
-    with SummaryWriter(str(tmp_path)) as tb:
-        visuals = TensorBoardVisuals(tb, data, metric)
-        visuals.log_training_images(0)
-        visuals(SimpleNamespace(iteration=1))
-    events = EventAccumulator(str(tmp_path), size_guidance={'images': 0})
-    events.Reload()
+    events = _log_visuals(tmp_path, data, metric, iteration=1)
     assert events.Tags()['images'] == [IMAGE_TAGS['confusion']]
 
 
@@ -233,11 +234,7 @@ def test_provenance_helpers(tmp_path):
 
 
 def test_short_run_writes_panels_summary_and_plain_console(tiny_image_folder, tmp_path):
-    result = run_entry(
-        '--data-root', tiny_image_folder, '--exp-name', 'obs', '--set', f'output_dir={tmp_path}',
-        '--set', 'data.image_size=32', '--set', 'policy.learn.batch_size=8', '--set', 'policy.learn.train_epoch=2',
-        '--set', 'policy.learn.warmup_epochs=0', '--set', 'data.num_workers=0', '--set', 'log_every=2')
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    result = run_tiny(tiny_image_folder, tmp_path, 'obs')
     assert '\r' not in result.stdout and result.stdout.count(' done in 0:') == 2  # no TTY: plain lines
     exp = tmp_path / 'obs'
     summary = json.loads((exp / 'summary.json').read_text())

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import REPO
 from dizoo_imgcls.tb_visuals import IMAGE_TAGS
-from test_entry import run_entry
+from test_entry import run_tiny
 
 SERVER_WAIT_S = 90  # the server starts and loads the event files in the background
 
@@ -52,11 +52,7 @@ def wait_for_tags(port: int, plugin: str, run: str, wanted: set, server: subproc
 
 
 def test_tensorboard_serves_the_scalars_and_images_of_a_run(tiny_image_folder, tmp_path):
-    result = run_entry(
-        '--data-root', tiny_image_folder, '--exp-name', 'served', '--set', f'output_dir={tmp_path}',
-        '--set', 'data.image_size=32', '--set', 'policy.learn.batch_size=8', '--set', 'policy.learn.train_epoch=2',
-        '--set', 'policy.learn.warmup_epochs=0', '--set', 'data.num_workers=0', '--set', 'log_every=2')
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    result = run_tiny(tiny_image_folder, tmp_path, 'served')
     summary = json.loads((tmp_path / 'served' / 'summary.json').read_text())
     port = free_port()
     server = subprocess.Popen(tensorboard_command(str(tmp_path), port), cwd=REPO, stdout=subprocess.DEVNULL,
