@@ -5,13 +5,12 @@ import os
 from typing import Dict, List
 
 import torch
-import torch.distributed as dist
 from easydict import EasyDict
 
 from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint
 from .config import build_config
 from .data import build_loaders
-from .metric import ImageClassificationMetric
+from .metric import DiagnosticMetric
 from .policy import ImageClassificationPolicy
 from .runtime import init_distributed, setup_logging
 
@@ -30,18 +29,10 @@ def config_from_checkpoint(state: Dict, path: str, data_root: str) -> EasyDict:
     return cfg
 
 
-def confusion_matrix(eval_policy, loader, num_classes: int, metric: ImageClassificationMetric):
+def evaluate_pass(eval_policy, loader, metric: DiagnosticMetric):
     """One pass over ``loader``: (metrics, confusion[true, predicted]) summed over all ranks."""
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-    batches = []
-    for images, labels in loader:
-        logits = eval_policy.forward(images)
-        batches.append(metric.eval(logits, labels))
-        index = labels.long() * num_classes + logits.argmax(dim=1)
-        confusion += torch.bincount(index, minlength=num_classes * num_classes).view(num_classes, num_classes)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(confusion)
-    return metric.reduce_mean(batches), confusion
+    metrics = metric.reduce_mean([metric.eval(eval_policy.forward(images), labels) for images, labels in loader])
+    return metrics, metric.last_diagnostics.confusion
 
 
 def write_reports(out_dir: str, names: List[str], confusion: torch.Tensor) -> None:
@@ -72,8 +63,8 @@ def evaluate_checkpoint(path: str, data_root: str) -> Dict:
     cfg.policy.learn.iters_per_epoch = 1
     policy = ImageClassificationPolicy(cfg.policy, enable_field=['eval'])
     policy.eval_mode.load_state_dict({'model': state['policy']['model']})
-    metric = ImageClassificationMetric()
-    metrics, confusion = confusion_matrix(policy.eval_mode, data.val_loader, data.num_classes, metric)
+    metric = DiagnosticMetric('acc1', data.num_classes, data.val_sampler)
+    metrics, confusion = evaluate_pass(policy.eval_mode, data.val_loader, metric)
     out_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))), 'eval')
     if rank == 0:
         setup_logging(None, rank)

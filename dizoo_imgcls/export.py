@@ -13,7 +13,7 @@ from typing import Any, Dict, List
 import torch
 import torch.nn as nn
 
-from .data.transforms import eval_resize_size
+from .data.transforms import eval_image_size, eval_resize_size
 from .model import InputNormalize
 
 EXPORT_FORMATS = ('torchscript', 'onnx')
@@ -97,7 +97,7 @@ def sidecar_metadata(model: nn.Module, config: Dict[str, Any], class_names: List
                      input_dtype: str, max_abs_diff: float) -> Dict[str, Any]:
     """Everything deployment code needs to feed the exported model and read its output."""
     data = config['data']
-    size = data['image_size']
+    size = eval_image_size(data)
     norm = input_normalization(model)
     return {
         'format': SIDECAR_VERSION,
@@ -135,7 +135,7 @@ def export_model(model: nn.Module, config: Dict[str, Any], class_names: List[str
     if fmt == 'onnx':
         require_onnx_tools()
     model = model.float().eval().cpu()
-    size, dtype = config['data']['image_size'], INPUT_DTYPES[input_dtype]
+    size, dtype = eval_image_size(config['data']), INPUT_DTYPES[input_dtype]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     exporter = export_torchscript if fmt == 'torchscript' else export_onnx
     exporter(model, sample_batch(TRACE_BATCH, size, dtype, seed=0), path)

@@ -194,12 +194,15 @@ class TrainLoggerHook(LearnerHook):
     def log_eval(self, metrics: Dict[str, float], epoch: int, iteration: int) -> None:
         if self._rank != 0:
             return
+        variants = ''.join(f' {key} {value:.2f}' for key, value in metrics.items()
+                           if key.startswith('acc1_'))  # acc1_tta, acc1_ema, ...: TTA and weight average
         logger.info(
-            f'eval epoch {epoch}: acc1 {metrics["acc1"]:.2f} acc5 {metrics["acc5"]:.2f} loss {metrics["loss"]:.4f} '
-            f'({metrics["samples"]} images)'
+            f'eval epoch {epoch}: acc1 {metrics["acc1"]:.2f} acc5 {metrics["acc5"]:.2f} loss {metrics["loss"]:.4f}'
+            f'{variants} ({metrics["samples"]} images)'
         )
-        for key, tag in EVAL_TAGS.items():
-            self._tb.add_scalar(tag, metrics[key], iteration)
+        for key, value in metrics.items():
+            if key != 'samples':
+                self._tb.add_scalar(EVAL_TAGS.get(key, f'eval/{key}'), value, iteration)
         self._tb.flush()
 
     @property

@@ -21,30 +21,48 @@ def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> Dict[
     return {k: int(hit[:, :min(k, max_k)].any(dim=1).sum()) for k in ks}
 
 
+def split_outputs(inputs: Union[torch.Tensor, Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    """The eval policy's output as {suffix: logits}: '' for the model itself, and e.g. 'tta' or 'ema' for the
+    variants it also evaluated (keys ``logit_tta``, ``logit_ema``, ...). A plain tensor is the model alone."""
+    if isinstance(inputs, torch.Tensor):
+        return {'': inputs}
+    return {key[len('logit'):].lstrip('_'): value for key, value in inputs.items() if key.startswith('logit')}
+
+
 class ImageClassificationMetric(IMetric):
     """DI-engine metric for ``MetricSerialEvaluator``.
 
     ``eval`` returns per-batch *sums* (never means), ``reduce_mean`` adds them up and divides once by the
     sample count, so a short last batch weighs exactly its size. When torch.distributed is initialized
     the sums are all-reduced first, which makes the multi-rank result equal the single-process one.
+
+    The policy output is a logits tensor or a dict ``{'logit': ..., 'logit_tta': ..., 'logit_ema': ...}``;
+    each variant gets its own ``acc1_<variant>``, ``acc5_<variant>`` and ``loss_<variant>``. Samples labelled
+    ``IGNORE_LABEL`` (-1: an unreadable eval file) are left out of every sum.
     """
 
     def __init__(self, key: str = 'acc1', topk=(1, 5)) -> None:
         self.key = key
         self.topk = tuple(topk)
-        self.lower_is_better = key in _LOWER_IS_BETTER
+        self.lower_is_better = key.split('_')[0] in _LOWER_IS_BETTER
 
-    def eval(self, inputs: torch.Tensor, label: torch.Tensor) -> Dict[str, float]:
-        logits = inputs.float()
-        label = label.to(logits.device).long()
-        correct = topk_correct(logits, label, self.topk)
-        out = {f'correct{k}': float(v) for k, v in correct.items()}
-        out['loss_sum'] = float(F.cross_entropy(logits, label, reduction='sum'))
-        out['samples'] = float(label.numel())
+    def eval(self, inputs: Union[torch.Tensor, Dict[str, torch.Tensor]], label: torch.Tensor) -> Dict[str, float]:
+        outputs = split_outputs(inputs)
+        label = label.to(outputs[''].device).long().view(-1)
+        valid = label >= 0
+        label = label[valid]
+        out = {'samples': float(label.numel())}
+        for variant, logits in outputs.items():
+            logits = logits.float()[valid]
+            suffix = f'_{variant}' if variant else ''
+            for k, v in topk_correct(logits, label, self.topk).items():
+                out[f'correct{k}{suffix}'] = float(v)
+            out[f'loss_sum{suffix}'] = float(F.cross_entropy(logits, label, reduction='sum')) if label.numel() else 0.
         return out
 
     def reduce_mean(self, inputs: List[Dict[str, float]]) -> Dict[str, float]:
-        keys = [f'correct{k}' for k in self.topk] + ['loss_sum', 'samples']
+        # A rank with no eval batch still all-reduces: it assumes the plain model's keys (no TTA / EMA variants).
+        keys = sorted(inputs[0]) if inputs else sorted([f'correct{k}' for k in self.topk] + ['loss_sum', 'samples'])
         sums = torch.tensor([[float(batch[k]) for k in keys] for batch in inputs], dtype=torch.float64)
         totals = sums.sum(dim=0) if len(inputs) else torch.zeros(len(keys), dtype=torch.float64)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -53,11 +71,15 @@ class ImageClassificationMetric(IMetric):
             dist.all_reduce(totals)
             totals = totals.cpu()
         total = dict(zip(keys, totals.tolist()))
-        n = total['samples']
+        n = total.pop('samples')
         if n == 0:
             raise ValueError('the evaluation set is empty: no samples were evaluated')
-        result = {f'acc{k}': 100.0 * total[f'correct{k}'] / n for k in self.topk}
-        result['loss'] = total['loss_sum'] / n
+        result = {}
+        for key, value in total.items():
+            if key.startswith('correct'):
+                result['acc' + key[len('correct'):]] = 100.0 * value / n
+            else:
+                result['loss' + key[len('loss_sum'):]] = value / n
         result['samples'] = int(n)
         return result
 
@@ -125,17 +147,21 @@ class DiagnosticMetric(ImageClassificationMetric):
             raise ValueError(f'the eval loader gave more samples than its sampler yields ({len(self._order)})')
         return self._order[start:self._seen]
 
-    def eval(self, inputs: torch.Tensor, label: torch.Tensor) -> Dict[str, float]:
+    def eval(self, inputs: Union[torch.Tensor, Dict[str, torch.Tensor]], label: torch.Tensor) -> Dict[str, float]:
         out = super().eval(inputs, label)
-        logits, label = inputs.float(), label.long().view(-1).cpu()
+        logits, label = split_outputs(inputs)[''].float().cpu(), label.long().view(-1).cpu()
         if logits.shape[1] != self.num_classes:
             raise ValueError(f'the model gives {logits.shape[1]} logits per sample, the metric expects '
                              f'num_classes={self.num_classes}')
+        indices = self._dataset_indices(label.numel())
+        valid = label >= 0
+        if not valid.all():
+            logits, label = logits[valid], label[valid]
+            indices = [i for i, keep in zip(indices, valid.tolist()) if keep]
         confidence, predicted = torch.softmax(logits, dim=1).max(dim=1)
-        predicted, confidence = predicted.cpu(), confidence.cpu()
         self._confusion += torch.bincount(label * self.num_classes + predicted,
                                           minlength=self.num_classes ** 2).view(self.num_classes, -1)
-        self._keep(confidence, predicted, label, self._dataset_indices(label.numel()))
+        self._keep(confidence, predicted, label, indices)
         return out
 
     def _keep(self, confidence: torch.Tensor, predicted: torch.Tensor, label: torch.Tensor,

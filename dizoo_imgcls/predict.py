@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint
 from .data.decode import UnreadableImageError, read_image_file, resolve_decoder
 from .data.folder import list_image_files
-from .data.transforms import EvalPreset
+from .data.transforms import EvalPreset, eval_image_size
 from .model import InputNormalize, build_model_from_cfg
 
 
@@ -92,7 +92,7 @@ class EvalReader:
     ``UnreadableImageError`` (its message is the reason) for a file that is no usable image."""
 
     def __init__(self, data_cfg: Dict[str, Any]) -> None:
-        self.preset = EvalPreset(data_cfg['image_size'], data_cfg['eval_crop_ratio'],
+        self.preset = EvalPreset(eval_image_size(data_cfg), data_cfg['eval_crop_ratio'],
                                  reduced_decode=data_cfg['jpeg_draft'])
         self.decoder = resolve_decoder(data_cfg['decoder'])
 

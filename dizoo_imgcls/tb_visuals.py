@@ -203,13 +203,17 @@ def hparams_of(cfg: Dict[str, Any], world_size: int) -> Dict[str, Any]:
         'warmup_epochs': learn['warmup_epochs'], 'weight_decay': learn['weight_decay'],
         'label_smoothing': learn['label_smoothing'], 'amp': learn['amp'],
         'train_crop_scale': str(list(data['train_crop_scale'])), 'seed': cfg['seed'], 'world_size': world_size,
+        'eval_image_size': data.get('eval_image_size') or data['image_size'],
+        'auto_augment': str(data.get('auto_augment')), 'mix': str(dict(learn.get('mix', {}))),
+        'ema': str(dict(learn.get('ema', {}))), 'progressive_resize': str(dict(data.get('progressive_resize', {}))),
     }
     return {k: v if isinstance(v, (bool, str, int, float)) else str(v) for k, v in values.items()}
 
 
 def log_hparams(tb, cfg: Dict[str, Any], summary: Dict[str, Any], world_size: int, step: int) -> None:
     """One hparams session (run ``hparams`` under the TensorBoard folder) linking config to final metrics."""
-    metrics = {f'hparam/{key}': summary[key] for key in ('acc1', 'acc5', 'loss', 'best_acc1', 'train_img_per_sec')
+    metrics = {f'hparam/{key}': summary[key] for key in ('acc1', 'acc5', 'loss', 'best_acc1', 'train_img_per_sec', 'acc1_tta',
+                                                  'acc1_ema')
                if summary.get(key) is not None}
     if metrics:
         tb.add_hparams(hparams_of(cfg, world_size), metrics, name='hparams', global_step=step)

@@ -17,7 +17,7 @@ from .checkpoint import (CHECKPOINT_FORMAT, CheckpointError, atomic_torch_save, 
                          load_checkpoint, prune_checkpoints, rng_state, set_rng_state, step_checkpoint_name,
                          to_plain)
 from .config import save_config_file
-from .data import EvalEvent, build_loaders
+from .data import EvalEvent, build_loaders, shutdown_workers
 from .hooks import CheckpointHook, TrainLoggerHook
 from .metric import DiagnosticMetric
 from .policy import ImageClassificationPolicy
@@ -201,6 +201,8 @@ class TrainingRun:
         log_skipped_files(data.train_loader.dataset, self.tb, epoch)
 
     def _evaluate(self, epoch: int):
+        last = epoch == self.cfg.policy.learn.train_epoch
+        self.policy.eval_mode.set_attribute('tta_active', last or self.cfg.policy.eval.tta.every_eval)
         stop, metrics = self.evaluator.eval(self.learner.save_checkpoint, self.learner.train_iter)
         self.log_hook.log_eval(metrics, epoch, self.learner.train_iter)
         if self.metric.gt(metrics, self.best):
@@ -226,6 +228,10 @@ class TrainingRun:
             'acc1': metrics.get('acc1'),
             'acc5': metrics.get('acc5'),
             'loss': metrics.get('loss'),
+            # Test-time augmentation and the weight average (None when off), on the same final eval pass.
+            'acc1_tta': metrics.get('acc1_tta'),
+            'acc1_ema': metrics.get('acc1_ema'),
+            'acc1_ema_tta': metrics.get('acc1_ema_tta'),
             'best_acc1': self.best['acc1'] if self.best else None,
             'best_epoch': self.best_epoch,
             'eval_samples': metrics.get('samples'),
@@ -247,6 +253,7 @@ class TrainingRun:
                             f"{summary['train_img_per_sec']:.1f} train img/s")
             logger.info(f'experiment folder: {self.exp_dir}')
             logger.info(f'TensorBoard: tensorboard --logdir {os.path.join(self.exp_dir, "tb")}')
+        shutdown_workers(self.data.train_loader, self.data.val_loader)
         self.learner.close()
         self.evaluator.close()
         if self.rank != 0:

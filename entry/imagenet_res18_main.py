@@ -4,6 +4,7 @@
     python entry/imagenet_res18_main.py --data-root /data/imagenet   # ImageNet, classic 90-epoch recipe
     python entry/imagenet_res18_main.py --config config/imagenette_res18_config.py --data-root DIR \\
         --set policy.learn.train_epoch=1
+    python entry/imagenet_res18_main.py --config config/imagenette_res18_config.py --data-root DIR --lr-find
 """
 import argparse
 import os
@@ -30,6 +31,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help='evaluate the --resume checkpoint on --data-root/val and write per-class reports')
     parser.add_argument('--check-data', action='store_true',
                         help='scan the train and val folders, list every unreadable image, exit 1 if any; no training')
+    parser.add_argument('--lr-find', action='store_true',
+                        help='learning-rate finder: a short exponential LR sweep on a fresh model, then a suggested '
+                        'policy.learn.lr_per_256, a plot and a CSV in output_dir/<exp_name>_lr_find; no training')
+    parser.add_argument('--lr-find-start', type=float, default=None, metavar='LR',
+                        help='--lr-find: first LR of the sweep (default 1e-7)')
+    parser.add_argument('--lr-find-end', type=float, default=None, metavar='LR', help='--lr-find: last LR (default 10)')
+    parser.add_argument('--lr-find-steps', type=int, default=None, metavar='N',
+                        help='--lr-find: training steps, one LR each (default 100)')
     return parser.parse_args(argv)
 
 
@@ -63,8 +72,17 @@ def main(argv=None) -> int:
     from dizoo_imgcls.checkpoint import CheckpointError
     from dizoo_imgcls.config import ConfigError
     from dizoo_imgcls.data import EXPECTED_LAYOUT, DataLayoutError
+    from dizoo_imgcls.lr_find import find_lr
     from dizoo_imgcls.train import train
 
+    lr_find_options = {key: value for key, value in (('start', args.lr_find_start), ('end', args.lr_find_end),
+                                                     ('steps', args.lr_find_steps)) if value is not None}
+    if lr_find_options and not args.lr_find:
+        print('error: --lr-find-start/--lr-find-end/--lr-find-steps only apply with --lr-find', file=sys.stderr)
+        return 2
+    if args.lr_find and (args.eval_only or args.check_data):
+        print('error: --lr-find is a mode of its own: drop --eval-only and --check-data', file=sys.stderr)
+        return 2
     if args.eval_only:
         return eval_only(args)
     try:
@@ -80,7 +98,10 @@ def main(argv=None) -> int:
         from dizoo_imgcls.data.check import check_data_folders
         return check_data_folders(cfg.data)
     try:
-        train(cfg)
+        if args.lr_find:
+            find_lr(cfg, **lr_find_options)
+        else:
+            train(cfg)
     except DataLayoutError as e:
         print(f'error: {e}. Pass --data-root DIR, or run with --demo to train on bundled digits', file=sys.stderr)
         return 2

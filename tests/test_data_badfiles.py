@@ -152,6 +152,9 @@ def test_training_survives_the_corpus_and_names_each_bad_file_once(corpus, tmp_p
         assert result.stdout.count(path + ':') == 1, (path, result.stdout[-3000:])
     summary = json.loads((tmp_path / 'runs' / 'bad' / 'summary.json').read_text())
     assert summary['epochs'] == 2 and summary['num_classes'] == 4
+    # an unreadable val file is left out of the metrics (not replaced by a neighbour that would count twice)
+    val_files = len(ImageFolderSplit(str(root / 'val'), class_index(str(root / 'train')), allow_empty=True))
+    assert files['val_bad'] and summary['eval_samples'] == val_files - len(files['val_bad'])
     assert f"{len(files['train_bad'])} unreadable training file(s) skipped" in result.stdout
 
     check = run_entry('--check-data', '--data-root', str(root))

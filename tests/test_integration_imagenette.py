@@ -48,6 +48,10 @@ def test_three_class_imagenette_trains_well_above_chance(three_class_run):
     assert REQUIRED_TAGS <= tags, REQUIRED_TAGS - tags
     eval_acc = [e.value for e in events.Scalars('eval/acc1')]
     assert len(eval_acc) == 8 and eval_acc[-1] == pytest.approx(summary['acc1'], abs=1e-4)
+    # the config's flip TTA runs in the last evaluation only, beside the plain number
+    tta = events.Scalars('eval/acc1_tta')
+    assert len(tta) == 1 and tta[0].value == pytest.approx(summary['acc1_tta'], abs=1e-4)
+    assert tta[0].step == events.Scalars('eval/acc1')[-1].step
 
 
 def test_fine_tuning_on_two_new_classes_beats_training_from_scratch(three_class_run, imagenette_root, tmp_path):

@@ -78,8 +78,9 @@ def test_state_dict_round_trip_continues_identically():
 
 def test_eval_mode_returns_float_logits():
     policy = make_policy()
-    logits = policy.eval_mode.forward(fixed_batch()[0])
-    assert logits.shape == (8, 4) and logits.dtype == torch.float32
+    out = policy.eval_mode.forward(fixed_batch()[0])
+    assert set(out) == {'logit'}
+    assert out['logit'].shape == (8, 4) and out['logit'].dtype == torch.float32
 
 
 def test_collect_mode_is_not_implemented():

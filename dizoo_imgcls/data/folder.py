@@ -18,6 +18,8 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from .decode import UnreadableImageError, is_hidden, pil_to_rgb, read_image_file, resolve_decoder
 
+# Label of a placeholder sample standing in for an unreadable eval file; metrics leave it out.
+IGNORE_LABEL = -1
 EXPECTED_LAYOUT = 'ROOT/train/<class>/<image> and ROOT/val/<class>/<image>'
 logger = logging.getLogger('dizoo_imgcls')
 
@@ -122,10 +124,12 @@ class ImageFolderSplit(Dataset):
 
     Items are ``(transform(image), class index)``; the transform receives an ``EncodedImage`` (see
     ``transforms.py``), or, with ``transform=None``, the item is the full image as a uint8 CHW tensor.
+    With ``replace_unreadable=False`` (evaluation) an unreadable file is not replaced by its neighbour but
+    yields a black image of the transform's size with label ``IGNORE_LABEL``, which the metric skips.
     """
 
     def __init__(self, root: str, class_to_idx: Dict[str, int], transform: Optional[Callable] = None,
-                 decoder: str = 'auto', allow_empty: bool = False) -> None:
+                 decoder: str = 'auto', allow_empty: bool = False, replace_unreadable: bool = True) -> None:
         if not os.path.isdir(root):
             raise DataLayoutError(f'no folder at {root} (expected layout: {EXPECTED_LAYOUT})')
         self.root = root
@@ -133,6 +137,7 @@ class ImageFolderSplit(Dataset):
         check_split_classes(root, self.class_to_idx)
         self.classes = sorted(self.class_to_idx, key=self.class_to_idx.get)
         self.transform = transform
+        self.replace_unreadable = replace_unreadable
         self.decoder = resolve_decoder(decoder)
         paths, targets, self.empty_class_folders = scan_split(root, self.class_to_idx)
         if not paths and not allow_empty:
@@ -157,6 +162,8 @@ class ImageFolderSplit(Dataset):
         return int(self._unreadable.sum())
 
     def __getitem__(self, index: int):
+        if not self.replace_unreadable:
+            return self._item_or_placeholder(index)
         for offset in range(len(self)):
             candidate = (index + offset) % len(self)
             if self._unreadable[candidate]:
@@ -171,10 +178,25 @@ class ImageFolderSplit(Dataset):
         raise RuntimeError(f'no readable image left in {self.root}: all {len(self)} files failed to decode '
                            '(see the log for the reason of each)')
 
+    def _item_or_placeholder(self, index: int):
+        if not self._unreadable[index]:
+            try:
+                image = read_image_file(self.path(index), self.decoder)
+                item = self.transform(image) if self.transform is not None else self._full_image(image)
+                return item, int(self.targets[index])
+            except UnreadableImageError as e:
+                self._mark_unreadable(index, str(e))
+        size = getattr(self.transform, 'image_size', None)
+        if size is None:
+            raise RuntimeError(f'{self.path(index)} is unreadable and the transform has no image_size for a '
+                               'placeholder')
+        return torch.zeros(3, size, size, dtype=torch.uint8), IGNORE_LABEL
+
     def _mark_unreadable(self, index: int, reason: str) -> None:
         if not self._unreadable[index]:
             self._unreadable[index] = 1
-            logger.warning(f'skipping unreadable image {self.path(index)}: {reason} (replaced by another sample)')
+            action = 'replaced by another sample' if self.replace_unreadable else 'left out of the metrics'
+            logger.warning(f'skipping unreadable image {self.path(index)}: {reason} ({action})')
 
     @staticmethod
     def _full_image(image) -> torch.Tensor:

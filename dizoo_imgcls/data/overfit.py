@@ -152,7 +152,7 @@ class PredictionMapLogger:
         self._logged_target = False
 
     def predict_background(self, policy) -> np.ndarray:
-        chunks = [policy.forward(self.grid.coords[i:i + PREDICTION_CHUNK])
+        chunks = [policy.forward(self.grid.coords[i:i + PREDICTION_CHUNK])['logit']
                   for i in range(0, len(self.grid), PREDICTION_CHUNK)]
         prob = torch.softmax(torch.cat(chunks), dim=1)[:, CLASS_NAMES.index('background')]
         return prob.reshape(self.mask.shape).numpy()

@@ -76,23 +76,31 @@ class EpochSeededDataset(Dataset):
     process's RNG afterwards. So augmentation does not depend on the number of workers or on which worker
     gets a batch, and a run resumed mid-epoch or after an epoch sees exactly the same images as the
     uninterrupted run. Plain indices (< len(dataset)) pass through as epoch 0.
+
+    ``epoch_hook(epoch)``, if given, is called (in whichever process loads the sample) whenever the epoch
+    changes, e.g. to set that epoch's training size for progressive resizing.
     """
 
-    def __init__(self, dataset: Dataset, seed: int) -> None:
+    def __init__(self, dataset: Dataset, seed: int, epoch_hook=None) -> None:
         self.dataset = dataset
         self.seed = seed
+        self.epoch_hook = epoch_hook
+        self._hook_epoch = None
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getattr__(self, name):  # classes, targets, skipped_files, ... of the wrapped dataset
         # Never forward protocol names (e.g. torch's batched __getitems__, which would get encoded indices).
-        if name == 'dataset' or name.startswith('__'):
+        if name in ('dataset', 'epoch_hook', '_hook_epoch') or name.startswith('__'):
             raise AttributeError(name)
         return getattr(self.dataset, name)
 
     def __getitem__(self, encoded: int):
         epoch, index = divmod(int(encoded), len(self.dataset))
+        if self.epoch_hook is not None and epoch != self._hook_epoch:
+            self.epoch_hook(epoch)
+            self._hook_epoch = epoch
         with torch.random.fork_rng(devices=[]):
             # The CPU generator only: torch.manual_seed would also seed every CUDA device (~100x slower).
             torch.default_generator.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)

@@ -7,10 +7,11 @@ RandomResizedCrop / Resize + CenterCrop, only pixels that the downscale would av
 Crop and resize are one antialiased bilinear resample (torch's uint8 kernel, 2-4x faster than Pillow's).
 """
 import math
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from torchvision.transforms import v2
 
 from .decode import DecodedImage
 
@@ -77,11 +78,27 @@ def resized_crop(pixels, box: Box, size: int) -> torch.Tensor:
     return resized[0].contiguous()
 
 
+AUTO_AUGMENTS = (None, 'randaugment', 'trivialaugment')
+
+
+def build_auto_augment(name: Optional[str], magnitude: int = 9):
+    """torchvision's RandAugment (2 ops of ``magnitude`` out of 31) or TrivialAugmentWide on uint8 CHW
+    tensors; their random draws come from torch's RNG, which ``EpochSeededDataset`` seeds per sample."""
+    if name not in AUTO_AUGMENTS:
+        raise ValueError(f"data.auto_augment must be one of {AUTO_AUGMENTS}, got {name!r}")
+    if name == 'randaugment':
+        return v2.RandAugment(num_ops=2, magnitude=magnitude)
+    if name == 'trivialaugment':
+        return v2.TrivialAugmentWide()
+    return None
+
+
 class TrainPreset:
-    """RandomResizedCrop (``crop_scale`` of the area, aspect 3/4..4/3) + optional horizontal flip."""
+    """RandomResizedCrop (``crop_scale`` of the area, aspect 3/4..4/3) + optional horizontal flip, then an
+    optional RandAugment / TrivialAugment. ``image_size`` may change between epochs (progressive resizing)."""
 
     def __init__(self, image_size: int, crop_scale: Sequence[float] = (0.08, 1.0), hflip: bool = True,
-                 reduced_decode: bool = True) -> None:
+                 reduced_decode: bool = True, auto_augment: Optional[str] = None, magnitude: int = 9) -> None:
         if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
             raise ValueError(f'data.train_crop_scale must be [min, max] with 0 < min <= max <= 1, got {crop_scale}')
         self.image_size = image_size
@@ -89,6 +106,7 @@ class TrainPreset:
         self.ratio = (3 / 4, 4 / 3)
         self.hflip = hflip
         self.reduced_decode = reduced_decode
+        self.auto_augment = build_auto_augment(auto_augment, magnitude)
 
     def __call__(self, image) -> torch.Tensor:
         image = as_image(image)
@@ -97,7 +115,8 @@ class TrainPreset:
         factor = decode_factor(box[2], box[3], self.image_size) if self.reduced_decode else 1
         pixels = image.decode(factor)
         out = resized_crop(pixels, scale_box(box, image.size_hw, pixels.shape[:2]), self.image_size)
-        return out.flip(-1) if self.hflip and flip_draw < 0.5 else out
+        out = out.flip(-1) if self.hflip and flip_draw < 0.5 else out
+        return self.auto_augment(out) if self.auto_augment is not None else out
 
 
 class EvalPreset:
@@ -119,7 +138,52 @@ class EvalPreset:
         return resized_crop(pixels, scale_box(box, image.size_hw, pixels.shape[:2]), self.image_size)
 
 
+def eval_image_size(data_cfg) -> int:
+    """The evaluation crop side: ``data.eval_image_size``, or ``data.image_size`` when that is unset."""
+    return data_cfg.get('eval_image_size') or data_cfg['image_size']
+
+
 def eval_resize_size(image_size: int, crop_ratio: float) -> int:
     if not 0 < crop_ratio <= 1:
         raise ValueError(f'data.eval_crop_ratio must be in (0, 1], got {crop_ratio}')
     return int(round(image_size / crop_ratio))
+
+
+class ProgressiveResize:
+    """Progressive resizing (fastai; FFCV ramps 160 -> 192 px): the training crop size of each epoch.
+
+    ``start_size`` up to ``ramp_epochs[0]``, ``end_size`` from ``ramp_epochs[1]`` on, linear in between,
+    rounded down to a multiple of ``multiple`` px. Epochs count from 1. Called by ``EpochSeededDataset`` in
+    each loader worker with the epoch that the sample index encodes, so the size needs no messaging.
+    """
+
+    def __init__(self, preset: TrainPreset, start_size: int, end_size: int, ramp_epochs: Sequence[int],
+                 multiple: int = 16) -> None:
+        first, last = ramp_epochs
+        if not (0 < start_size <= end_size and 0 <= first <= last and multiple > 0):
+            raise ValueError(f'progressive resizing needs 0 < start size <= data.image_size ({end_size}) and '
+                             f'ramp_epochs [first, last] with 0 <= first <= last, got start size {start_size}, '
+                             f'ramp_epochs={list(ramp_epochs)}')
+        self.preset, self.start_size, self.end_size = preset, start_size, end_size
+        self.first, self.last, self.multiple = first, last, multiple
+
+    @classmethod
+    def from_scale(cls, preset: TrainPreset, start_scale: float, end_size: int, ramp_epochs: Sequence[int],
+                   multiple: int = 16) -> 'ProgressiveResize':
+        """Start at ``start_scale`` x ``end_size``, rounded to a multiple of ``multiple`` (0.75 x 128 = 96 px)."""
+        if not 0 < start_scale <= 1:
+            raise ValueError(f'data.progressive_resize.start_scale must be in (0, 1], got {start_scale}')
+        start = max(multiple, int(round(start_scale * end_size / multiple)) * multiple)
+        return cls(preset, min(start, end_size), end_size, ramp_epochs, multiple)
+
+    def size_at(self, epoch: int) -> int:
+        if epoch <= self.first:
+            return self.start_size
+        if epoch >= self.last:
+            return self.end_size
+        frac = (epoch - self.first) / (self.last - self.first)
+        size = self.start_size + frac * (self.end_size - self.start_size)
+        return max(self.multiple, int(size) // self.multiple * self.multiple)
+
+    def __call__(self, epoch: int) -> None:
+        self.preset.image_size = self.size_at(epoch)

@@ -11,6 +11,8 @@ import torch.nn as nn
 import torchvision
 from ding.utils.registry import Registry
 
+from .tweaks import add_blur_pool_, resnet_d_
+
 logger = logging.getLogger('dizoo_imgcls')
 
 MODEL_REGISTRY = Registry()
@@ -68,19 +70,25 @@ def msra_init_(model: nn.Module, zero_init_residual: bool) -> None:
                 nn.init.zeros_(m.bn2.weight)
 
 
-def _register_torchvision_resnet(name: str) -> None:
+def _register_torchvision_resnet(name: str, tweak_d: bool = False) -> None:
     builder: Callable[..., nn.Module] = getattr(torchvision.models, name)
 
-    def build(num_classes: int, zero_init_residual: bool = False, mean=IMAGENET_MEAN, std=IMAGENET_STD, **_):
+    def build(num_classes: int, zero_init_residual: bool = False, blur_pool: bool = False, mean=IMAGENET_MEAN,
+              std=IMAGENET_STD, **_):
         backbone = builder(weights=None, num_classes=num_classes)
+        if tweak_d:
+            resnet_d_(backbone)
+        if blur_pool:
+            add_blur_pool_(backbone)
         msra_init_(backbone, zero_init_residual)
         return ImageClassifier(backbone, mean, std)
 
-    MODEL_REGISTRY.register(name, build)
+    MODEL_REGISTRY.register(name + ('d' if tweak_d else ''), build)
 
 
 for _name in ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152'):
     _register_torchvision_resnet(_name)
+    _register_torchvision_resnet(_name, tweak_d=True)  # resnet18d, ...: the "bag of tricks" ResNet-D
 
 
 def available_models() -> list:

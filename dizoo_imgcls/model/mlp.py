@@ -79,15 +79,18 @@ def _check_mlp_args(widths, activation, coord_hw, input_range) -> None:
 @MODEL_REGISTRY.register('coord_mlp')
 def build_coord_mlp(num_classes: int, widths: Sequence[int] = (128, 128, 128), activation: str = 'cos',
                     batch_norm: bool = False, input_range: Optional[float] = 3.0,
-                    coord_hw: Sequence[int] = (300, 1000), zero_init_residual: Optional[bool] = None) -> CoordinateMLP:
+                    coord_hw: Sequence[int] = (300, 1000), zero_init_residual: Optional[bool] = None,
+                    blur_pool: bool = False) -> CoordinateMLP:
     """``create_model('coord_mlp', 2)``: the OVERFIT demo's MLP (defaults: the fastest recipe measured there);
     ``create_model('coord_mlp', 2, activation='relu', input_range=None)`` is the seed's failing raw-pixel MLP.
 
     ``input_range``: None feeds raw pixels, 1.0 maps each axis to [-1, 1], 3.0 to [-3, 3]. ``coord_hw`` is
     the (height, width) the coordinates span, i.e. the size of the image being fitted.
-    ``zero_init_residual`` is accepted because the policy's default model config passes it to every
-    model; an MLP has no residual blocks, so it is ignored.
+    ``zero_init_residual`` and ``blur_pool`` are accepted because the policy's default model config passes
+    them to every model; an MLP has no residual blocks (ignored) and no strided convolutions (refused).
     """
+    if blur_pool:
+        raise ValueError('policy.model.blur_pool applies to convolutional models, not coord_mlp')
     widths, coord_hw = list(widths), list(coord_hw)
     _check_mlp_args(widths, activation, coord_hw, input_range)
     # PyTorch's default Linear init (uniform, +-1/sqrt(fan_in)) is kept on purpose: it is what the

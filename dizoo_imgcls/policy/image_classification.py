@@ -10,6 +10,7 @@ from ding.policy import Policy
 from ding.utils import POLICY_REGISTRY
 
 from ..model import build_model_from_cfg, classifier_head_prefix
+from .recipe import BatchMixer, ExponentialMovingAverage, eval_outputs, soft_target_accuracy
 from .optim import build_lr_scheduler, build_optimizer, param_groups_no_bn_bias_decay, scaled_lr
 
 AMP_MODES = ('auto', 'bf16', 'fp16', 'none')
@@ -40,7 +41,8 @@ class ImageClassificationPolicy(Policy):
     """Supervised image classification: SGD with momentum, warmup + per-iteration LR schedule, mixed precision.
 
     Learn-mode input is ``[images, targets]`` (uint8 NCHW images; the model normalizes them), eval-mode
-    input is an image batch and the output is float32 logits on the CPU.
+    input is an image batch and the output ``{'logit': float32 logits on the CPU}``, plus the TTA and EMA
+    variants when they are on (see ``_forward_eval``).
     """
     config = dict(
         # (str) Registered name of this policy in DI-engine's POLICY_REGISTRY.
@@ -58,6 +60,8 @@ class ImageClassificationPolicy(Policy):
             num_classes=None,
             # (bool) Start the last BN of each residual block at zero, so every block begins as identity.
             zero_init_residual=True,
+            # (bool) ResNets: low-pass filter (BlurPool) before every strided convolution past the stem.
+            blur_pool=False,
             # (str) Initial weights: one of our checkpoints or a torchvision state-dict file on disk (nothing is
             # downloaded). A classifier head of another size is replaced by a fresh one for num_classes.
             pretrained=None,
@@ -106,6 +110,14 @@ class ImageClassificationPolicy(Policy):
             backbone_lr_factor=1.0,
             # (float) Label smoothing of the training cross-entropy (0 = none).
             label_smoothing=0.0,
+            # (dict) Mixup / CutMix (torchvision transforms.v2) on each training batch, on the device. A batch is
+            # mixed with probability prob, by CutMix with probability switch_prob, else by Mixup; an alpha of 0
+            # disables that kind. Only epochs 1..stop_epoch are mixed (None: all), so the last ones see clean
+            # images. Both off by default: they pay off in long schedules.
+            mix=dict(mixup_alpha=0.0, cutmix_alpha=0.0, prob=1.0, switch_prob=0.5, stop_epoch=None),
+            # (dict) Exponential moving average of the weights (and BN statistics), evaluated alongside the model
+            # (eval/acc1_ema) and checkpointed. The decay ramps up as min(decay, (1 + n) / (10 + n)) at update n.
+            ema=dict(enabled=False, decay=0.999, every_n_iters=1),
             # (str) Mixed precision: 'auto' (bf16 where the hardware runs it fast, fp16 on older GPUs),
             # 'bf16', 'fp16' (GPU only, with a gradient scaler) or 'none'.
             amp='auto',
@@ -113,14 +125,24 @@ class ImageClassificationPolicy(Policy):
             channels_last=True,
             # (float) Clip the global gradient norm to this value; None only measures it.
             grad_clip_norm=None,
+            # (bool) torch.compile the training model (a win on GPUs; measured as no win on CPU).
+            compile=False,
+            # (bool) GPU: let cuDNN pick the fastest convolution algorithms (off when `deterministic` is set).
+            cudnn_benchmark=True,
             # (dict) DI-engine BaseLearner settings (hooks); the entry adds its own logging hook.
             learner=dict(log_policy=False),
         ),
         eval=dict(
             # (int) Images per eval batch on each rank.
             batch_size=256,
-            # (str) Metric that decides the best checkpoint and the stop condition: acc1, acc5 or loss.
+            # (str) Metric that decides the best checkpoint and the stop condition: acc1, acc5 or loss, or a
+            # variant's: acc1_tta, acc1_ema, acc1_ema_tta.
             metric_key='acc1',
+            # (dict) Test-time augmentation, reported separately (eval/acc1_tta) next to the plain eval/acc1:
+            # softmax averaged over the image, its mirror image (flip) and the image rescaled by each of
+            # scales (e.g. [1.15]: about 15% larger, on the device). every_eval False: only in the run's last
+            # evaluation (TTA multiplies eval compute by the number of views).
+            tta=dict(flip=False, scales=[], every_eval=False),
             # (dict) DI-engine MetricSerialEvaluator settings. stop_value None: never stop early.
             evaluator=dict(eval_freq=1, stop_value=None, multi_gpu=False),
         ),
@@ -143,6 +165,8 @@ class ImageClassificationPolicy(Policy):
         # The base class picks cuda:rank; under torchrun the entry has already selected the local GPU.
         if self._cuda:
             self._device = f'cuda:{torch.cuda.current_device()}'
+            if self._cfg.learn.cudnn_benchmark and not torch.are_deterministic_algorithms_enabled():
+                torch.backends.cudnn.benchmark = True
         self._amp_dtype = resolve_amp_dtype(self._cfg.learn.amp, 'cuda' if self._cuda else 'cpu')
 
     def _autocast(self):
@@ -181,6 +205,8 @@ class ImageClassificationPolicy(Policy):
         )
         self._scaler = torch.amp.GradScaler('cuda') if self._amp_dtype == torch.float16 else None
         self._criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        self._mixer = BatchMixer(self._cfg.model.num_classes, **cfg.mix)
+        self._ema = ExponentialMovingAverage(self._model, cfg.ema.decay) if cfg.ema.enabled else None
         self._learn_model = self._model
         if cfg.sync_bn and self._world_size > 1:
             if not self._cuda:
@@ -191,6 +217,8 @@ class ImageClassificationPolicy(Policy):
             # A frozen backbone (fine-tuning) produces no gradients for most parameters for a while.
             self._learn_model = nn.parallel.DistributedDataParallel(
                 self._model, device_ids=device_ids, find_unused_parameters=cfg.freeze_backbone_epochs > 0)
+        if cfg.compile:
+            self._learn_model = torch.compile(self._learn_model)
         self._epoch = 0
         self._iteration = 0
         self._backbone_frozen = False
@@ -215,6 +243,9 @@ class ImageClassificationPolicy(Policy):
         start = time.perf_counter()
         self._freeze_backbone(self._epoch < self._cfg.learn.freeze_backbone_epochs)
         img, target = self._to_input(data[0]), data[1].to(self._device, non_blocking=True)
+        img, target = self._mixer(img, target, self._epoch + 1)
+        if self._cfg.learn.channels_last:
+            img = img.contiguous(memory_format=torch.channels_last)
         self._set_train_mode()
         with self._autocast():
             logits = self._learn_model(img)
@@ -224,7 +255,9 @@ class ImageClassificationPolicy(Policy):
         lr = max(group['lr'] for group in self._optimizer.param_groups)  # the head's LR when fine-tuning
         self._lr_scheduler.step()
         self._iteration += 1
-        acc1 = (logits.argmax(dim=1) == target).float().mean()
+        if self._ema is not None and self._iteration % self._cfg.learn.ema.every_n_iters == 0:
+            self._ema.update_parameters(self._model)
+        acc1 = soft_target_accuracy(logits, target)
         out = {
             'loss': loss.item(),  # .item() waits for the GPU, so step_time below is real
             'lr': lr,
@@ -268,6 +301,8 @@ class ImageClassificationPolicy(Policy):
         }
         if self._scaler is not None:
             state['grad_scaler'] = self._scaler.state_dict()
+        if self._ema is not None:
+            state['ema'] = self._ema.state_dict()
         return state
 
     def _load_state_dict_learn(self, state_dict: Dict[str, Any]) -> None:
@@ -276,18 +311,38 @@ class ImageClassificationPolicy(Policy):
         self._lr_scheduler.load_state_dict(state_dict['lr_scheduler'])
         if self._scaler is not None and 'grad_scaler' in state_dict:
             self._scaler.load_state_dict(state_dict['grad_scaler'])
+        if self._ema is not None:
+            if 'ema' not in state_dict:
+                raise ValueError('the checkpoint has no EMA weights but policy.learn.ema.enabled=True; resume with '
+                                 'the setting it was trained with')
+            self._ema.load_state_dict(state_dict['ema'])
         self._epoch = state_dict['epoch']
         self._iteration = state_dict['iteration']
 
     def _init_eval(self) -> None:
         self._set_device()
         self._eval_model = self._model
+        # The training run switches TTA off for intermediate evaluations unless tta.every_eval is set.
+        self._tta_active = True
 
-    def _forward_eval(self, data: torch.Tensor) -> torch.Tensor:
-        self._eval_model.eval()
+    def _eval_models(self) -> Dict[str, nn.Module]:
+        models = {'': self._eval_model}
+        ema = getattr(self, '_ema', None)  # learn mode's EMA, when this policy also trains
+        if ema is not None:
+            models['ema'] = ema.module
+        return models
+
+    def _forward_eval(self, data: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """``{'logit': logits}`` (float32, CPU), plus ``logit_tta`` with test-time augmentation and
+        ``logit_ema`` / ``logit_ema_tta`` for the weight average when there is one."""
+        models = self._eval_models()
+        for model in models.values():
+            model.eval()
+        tta = self._cfg.eval.tta
+        flip, scales = (tta.flip, tta.scales) if self._tta_active else (False, [])
         with torch.no_grad(), self._autocast():
-            logits = self._eval_model(self._to_input(data))
-        return logits.float().cpu()
+            out = eval_outputs(models, self._to_input(data), flip, scales)
+        return {key: value.float().cpu() for key, value in out.items()}
 
     def _state_dict_eval(self) -> Dict[str, Any]:
         return {'model': self._model.state_dict()}

@@ -1,0 +1,70 @@
+"""Architecture tweaks applied to torchvision ResNets in place.
+
+* ResNet-D (He et al. 2019, "Bag of Tricks for Image Classification"): the 7x7 stem becomes three 3x3
+  convolutions (32, 32, 64 channels), and a downsampling shortcut averages 2x2 pixels before its 1x1
+  convolution instead of striding over three quarters of them. Same stages, ~0.1% more parameters.
+* BlurPool (Zhang 2019, "Making Convolutional Networks Shift-Invariant Again"), in the form FFCV's ResNet
+  recipes use: every strided convolution with at least 16 input channels first low-pass filters its input
+  with a fixed depthwise 3x3 binomial kernel, so the stride aliases less.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.models.resnet import ResNet
+
+
+def _conv_bn_relu(cin: int, cout: int, stride: int) -> list:
+    return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+
+def resnet_d_(resnet: ResNet) -> ResNet:
+    """Deep stem and average-pool shortcuts (ResNet-D) on a torchvision ResNet, in place."""
+    stem_out = resnet.conv1.out_channels
+    # conv1 stays the name of the stem, followed as before by bn1 + relu + maxpool.
+    resnet.conv1 = nn.Sequential(*_conv_bn_relu(3, 32, 2), *_conv_bn_relu(32, 32, 1),
+                                 nn.Conv2d(32, stem_out, 3, 1, 1, bias=False))
+    for stage in (resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4):
+        block = stage[0]
+        if block.downsample is None:
+            continue
+        conv, bn = block.downsample[0], block.downsample[1]
+        pool = nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False) if conv.stride[0] > 1 else nn.Identity()
+        block.downsample = nn.Sequential(pool, nn.Conv2d(conv.in_channels, conv.out_channels, 1, bias=False), bn)
+    return resnet
+
+
+class BlurPool(nn.Module):
+    """Fixed depthwise 3x3 binomial low-pass filter ([1, 2, 1] x [1, 2, 1] / 16), stride 1, reflect-free
+    zero padding; no parameters, so checkpoints of blurred and plain models have the same keys."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        taps = torch.tensor([1.0, 2.0, 1.0])
+        kernel = (taps[:, None] * taps[None, :]) / 16.0
+        self.register_buffer('kernel', kernel.expand(channels, 1, 3, 3).contiguous(), persistent=False)
+        self.channels = channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.kernel.to(x.dtype), padding=1, groups=self.channels)
+
+
+class BlurConv2d(nn.Module):
+    """A strided convolution preceded by ``BlurPool``; the wrapped convolution keeps its parameter names
+    under ``conv.``."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.blur = BlurPool(conv.in_channels)
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.blur(x))
+
+
+def add_blur_pool_(model: nn.Module) -> nn.Module:
+    """Wrap every strided conv with >= 16 input channels (not the RGB stem) in ``BlurConv2d``, in place."""
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, nn.Conv2d) and child.stride[0] > 1 and child.in_channels >= 16:
+                setattr(parent, name, BlurConv2d(child))
+    return model
