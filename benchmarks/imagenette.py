@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--stock-arg', dest='stock_args', action='append', default=[], metavar='ARG',
                         help='extra argument for benchmarks/stock_dizoo.py, e.g. --stock-arg=--per-epoch-eval')
     parser.add_argument('--raw-warmup', type=int, default=5, help='untimed raw steps')
-    parser.add_argument('--raw-steps', type=int, default=20, help='timed raw steps')
+    parser.add_argument('--raw-steps', type=int, default=30, help='timed raw steps (img/s from their median)')
     parser.add_argument('--output-dir', default=None, help='experiment folders (default: a new temporary folder)')
     parser.add_argument('--out', default=None, help='also write the JSON result to this file')
     args = parser.parse_args(argv)
@@ -214,14 +215,18 @@ def raw_step_speed_at(cfg, classes: int, device: str, warmup: int, steps: int, s
 
     for _ in range(warmup):
         step()
-    if device == 'cuda':
-        torch.cuda.synchronize()
-    start = time.perf_counter()
+    # Each step timed on its own and the median taken: on a shared 2-core machine a mean over one block of
+    # steps swings by 15-20% with whatever else runs, the median of single steps much less.
+    times = []
     for _ in range(steps):
+        if device == 'cuda':
+            torch.cuda.synchronize()
+        start = time.perf_counter()
         step()
-    if device == 'cuda':
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+        if device == 'cuda':
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times) * steps
     return {'model': cfg.policy.model.name, 'params': sum(p.numel() for p in model.parameters()),
             'num_classes': classes, 'raw_img_per_sec': round(batch * steps / seconds, 2),
             'raw_step': {'batch_size': batch, 'image_size': size, 'amp': str(amp) if amp else None,

@@ -26,6 +26,8 @@ def config_from_checkpoint(state: Dict, path: str, data_root: str) -> EasyDict:
     cfg.policy.eval.batch_size = stored['policy']['eval']['batch_size']
     cfg.policy.learn.amp = stored['policy']['learn']['amp']
     cfg.policy.learn.channels_last = stored['policy']['learn']['channels_last']
+    if 'tta' in stored['policy']['eval']:  # the run's test-time augmentation: reported as acc1_tta again
+        cfg.policy.eval.tta.update(stored['policy']['eval']['tta'])
     return cfg
 
 
@@ -70,7 +72,8 @@ def evaluate_checkpoint(path: str, data_root: str) -> Dict:
         setup_logging(None, rank)
         names = state.get('display_names') or state['class_names']
         write_reports(out_dir, list(names), confusion)
+        tta = f' acc1_tta {metrics["acc1_tta"]:.2f}' if 'acc1_tta' in metrics else ''
         logger.info(f'{path} on {data_root}: acc1 {metrics["acc1"]:.2f} acc5 {metrics["acc5"]:.2f} '
-                    f'loss {metrics["loss"]:.4f} ({metrics["samples"]} images)')
+                    f'loss {metrics["loss"]:.4f}{tta} ({metrics["samples"]} images)')
         logger.info(f'per-class accuracy and confusion matrix: {out_dir}')
     return dict(metrics, report_dir=out_dir)

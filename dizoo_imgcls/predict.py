@@ -54,8 +54,27 @@ def checkpoint_class_names(state: Dict[str, Any], path: str) -> List[str]:
     return list(names)
 
 
-def load_model_from_checkpoint(path: str) -> Tuple[nn.Module, Dict[str, Any], List[str]]:
-    """``(model in eval mode on CPU, compiled config, class names)`` from one of our checkpoints.
+WEIGHTS = ('model', 'ema')
+
+
+def stored_weights(state: Dict[str, Any], path: str, weights: str = 'model') -> Dict[str, torch.Tensor]:
+    """The trained weights (``model``), or their exponential moving average (``ema``, when the run kept one
+    with ``policy.learn.ema.enabled``) as a plain model state dict."""
+    if weights not in WEIGHTS:
+        raise CheckpointError(f'weights must be one of {WEIGHTS}, got {weights!r}')
+    if weights == 'model':
+        return _require(state, 'policy.model', path)
+    ema = state.get('policy', {}).get('ema') if isinstance(state.get('policy'), dict) else None
+    if ema is None:
+        raise CheckpointError(f'{path} holds no EMA weights (the run did not set policy.learn.ema.enabled=True); '
+                              'use the model weights')
+    # torch.optim.swa_utils.AveragedModel keys: module.<name>, plus its update counter n_averaged
+    return {k[len('module.'):]: v for k, v in ema.items() if k.startswith('module.')}
+
+
+def load_model_from_checkpoint(path: str, weights: str = 'model') -> Tuple[nn.Module, Dict[str, Any], List[str]]:
+    """``(model in eval mode on CPU, compiled config, class names)`` from one of our checkpoints; ``weights``
+    'ema' takes the weight average instead of the trained weights.
 
     Every problem (missing file, pickled code, another format, weights that do not fit the stored model
     config) raises ``CheckpointError`` with a one-line message that names ``path``."""
@@ -68,14 +87,14 @@ def load_model_from_checkpoint(path: str) -> Tuple[nn.Module, Dict[str, Any], Li
     model_cfg = _require(config, 'policy.model', path)
     for key in ('data.image_size', 'data.eval_crop_ratio', 'data.jpeg_draft', 'data.decoder'):  # EvalReader
         _require(config, key, path)
-    weights = _require(state, 'policy.model', path)
+    state_dict = stored_weights(state, path, weights)
     class_names = checkpoint_class_names(state, path)
     if model_cfg.get('num_classes') != len(class_names):
         raise CheckpointError(f"{path}: policy.model.num_classes is {model_cfg.get('num_classes')!r} but "
                               f'{len(class_names)} class names are stored')
     try:
         model = build_model_from_cfg(model_cfg)
-        model.load_state_dict(weights)
+        model.load_state_dict(state_dict)
     except (KeyError, ValueError, RuntimeError) as e:  # unknown model name, bad kwargs, mismatched weights
         raise CheckpointError(f"{path}: cannot rebuild model {model_cfg.get('name')!r} from the stored config "
                               f'and weights: {_one_line(e)}') from None

@@ -38,6 +38,16 @@ def log_skipped_files(dataset, tb, epoch: int) -> None:
             logger.warning(f'epoch {epoch}: {skipped} unreadable training file(s) skipped so far (see train.log)')
 
 
+def check_metric_key(cfg: EasyDict) -> None:
+    """A metric key of a variant needs that variant: acc1_ema an EMA, acc1_tta test-time augmentation."""
+    key, ev = cfg.policy.eval.metric_key, cfg.policy.eval
+    if 'ema' in key.split('_') and not cfg.policy.learn.ema.enabled:
+        raise ValueError(f"policy.eval.metric_key='{key}' needs policy.learn.ema.enabled=True")
+    if 'tta' in key.split('_') and not (ev.tta.flip or ev.tta.scales):
+        raise ValueError(f"policy.eval.metric_key='{key}' needs test-time augmentation: set policy.eval.tta.flip=True "
+                         'or policy.eval.tta.scales')
+
+
 def prepare_config(cfg: EasyDict, data) -> None:
     """Fill in what the data decides: class count and iterations per epoch."""
     if cfg.policy.model.num_classes is None:
@@ -67,6 +77,7 @@ class TrainingRun:
     def __init__(self, cfg: EasyDict) -> None:
         self.start_time = time.time()
         self.cfg = cfg
+        check_metric_key(cfg)
         self.rank, self.world_size = init_distributed(cfg.policy.cuda)
         cfg.policy.learn.multi_gpu = self.world_size > 1
         set_deterministic(cfg.deterministic)
@@ -202,7 +213,10 @@ class TrainingRun:
 
     def _evaluate(self, epoch: int):
         last = epoch == self.cfg.policy.learn.train_epoch
-        self.policy.eval_mode.set_attribute('tta_active', last or self.cfg.policy.eval.tta.every_eval)
+        tta = self.cfg.policy.eval.tta
+        # TTA in every evaluation when asked, or when it decides the best checkpoint (metric_key acc1_tta)
+        every = tta.every_eval or 'tta' in self.cfg.policy.eval.metric_key.split('_')
+        self.policy.eval_mode.set_attribute('tta_active', last or every)
         stop, metrics = self.evaluator.eval(self.learner.save_checkpoint, self.learner.train_iter)
         self.log_hook.log_eval(metrics, epoch, self.learner.train_iter)
         if self.metric.gt(metrics, self.best):

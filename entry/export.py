@@ -28,6 +28,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--checkpoint', required=True, help='a dizoo_imgcls checkpoint (.pth.tar)')
     parser.add_argument('--format', required=True, choices=('torchscript', 'onnx'), help='export format')
     parser.add_argument('--output', required=True, help='exported model file; OUTPUT.json is written beside it')
+    parser.add_argument('--weights', choices=('model', 'ema'), default='model',
+                        help="the trained weights, or their moving average when the run kept one (default: model)")
     parser.add_argument('--input-dtype', choices=('uint8', 'float32'), default='uint8',
                         help='dtype of the exported input, values 0..255 either way (default: uint8)')
     return parser.parse_args(argv)
@@ -40,7 +42,7 @@ def main(argv=None) -> int:
     from dizoo_imgcls.predict import load_model_from_checkpoint
 
     try:
-        model, config, class_names = load_model_from_checkpoint(args.checkpoint)
+        model, config, class_names = load_model_from_checkpoint(args.checkpoint, args.weights)
     except CheckpointError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2

@@ -35,6 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--batch-size', type=_positive_int, default=32, help='images per forward pass (default: 32)')
     parser.add_argument('--workers', type=int, default=0,
                         help='processes decoding images (default: 0, decode in the main process)')
+    parser.add_argument('--weights', choices=('model', 'ema'), default='model',
+                        help="the trained weights, or their moving average when the run kept one (default: model)")
     parser.add_argument('--device', default=None, help='torch device (default: cuda when available, else cpu)')
     return parser.parse_args(argv)
 
@@ -48,7 +50,7 @@ def main(argv=None) -> int:
                                       write_predictions)
 
     try:
-        model, config, class_names = load_model_from_checkpoint(args.checkpoint)
+        model, config, class_names = load_model_from_checkpoint(args.checkpoint, args.weights)
         reader = EvalReader(config['data'])
     except (CheckpointError, ValueError) as e:  # ValueError: the checkpoint's data.decoder is not installed
         print(f'error: {e}', file=sys.stderr)

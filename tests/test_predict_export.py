@@ -18,7 +18,7 @@ from dizoo_imgcls.config import default_config
 from dizoo_imgcls.data import build_datasets
 from dizoo_imgcls.model import IMAGENET_MEAN, IMAGENET_STD
 from dizoo_imgcls.policy import ImageClassificationPolicy
-from dizoo_imgcls.predict import checkpoint_class_names, load_model_from_checkpoint
+from dizoo_imgcls.predict import EvalReader, checkpoint_class_names, load_model_from_checkpoint
 
 COLOURS = {'a_red': (200, 30, 30), 'b_green': (30, 200, 30), 'c_blue': (30, 30, 200)}
 DISPLAY = ['red', 'green', 'blue']
@@ -58,7 +58,7 @@ def checkpoint_path(tmp_path_factory):
     cfg.policy.cuda = False
     cfg.policy.model.num_classes = len(COLOURS)
     cfg.policy.learn.update(dict(batch_size=12, iters_per_epoch=6, train_epoch=1, warmup_epochs=0, amp='none',
-                                 lr_per_256=1.0))
+                                 lr_per_256=1.0, ema=dict(enabled=True, decay=0.5, every_n_iters=1)))
     policy = ImageClassificationPolicy(cfg.policy, enable_field=['learn'])
     rng = np.random.default_rng(0)
     labels = torch.arange(12) % len(COLOURS)
@@ -295,3 +295,29 @@ def test_folder_names_are_shown_when_the_checkpoint_has_no_display_names():
     assert checkpoint_class_names(state, 'x.pth.tar') == ['n01440764', 'n02102040']
     state['display_names'] = ['tench', 'English springer']
     assert checkpoint_class_names(state, 'x.pth.tar') == ['tench', 'English springer']
+
+
+def test_ema_weights_predict_and_export_when_asked(checkpoint_path, data_root, tmp_path, capsys):
+    state = torch.load(checkpoint_path, weights_only=True)
+    ema, _, _ = load_model_from_checkpoint(checkpoint_path, 'ema')
+    trained, _, _ = load_model_from_checkpoint(checkpoint_path)
+    averaged = {k[len('module.'):]: v for k, v in state['policy']['ema'].items() if k.startswith('module.')}
+    for name, value in ema.state_dict().items():
+        assert torch.equal(value, averaged[name]), name
+    assert any(not torch.equal(a, b) for a, b in zip(ema.state_dict().values(), trained.state_dict().values()))
+
+    image = next(p for p in sorted((data_root / 'val').rglob('*.jpg')))
+    code, out, _ = run_predict(capsys, '--checkpoint', checkpoint_path, '--input', str(image), '--format', 'json',
+                               '--weights', 'ema', '--topk', '3')
+    assert code == 0
+    pixels = EvalReader(state['config']['data'])(str(image))
+    with torch.no_grad():
+        expected = torch.softmax(ema(pixels.unsqueeze(0)), dim=1)[0]
+    for p in json.loads(out)[0]['predictions']:
+        assert p['probability'] == pytest.approx(float(expected[p['class_index']]), abs=1e-5)
+
+    plain = tmp_path / 'plain.pth.tar'
+    del state['policy']['ema']
+    atomic_torch_save(state, str(plain))
+    code, _, err = run_predict(capsys, '--checkpoint', str(plain), '--input', str(image), '--weights', 'ema')
+    assert code == 2 and 'holds no EMA weights' in err and len(err.strip().splitlines()) == 1

@@ -240,3 +240,20 @@ def test_auto_augment_is_reproduced_per_sample_seed():
     assert not torch.equal(a[5][0], a[1][0])  # epoch 0 vs epoch 1 of the same image differ
     with pytest.raises(ValueError, match='auto_augment'):
         TrainPreset(24, auto_augment='autoaugment')
+
+
+def test_a_variant_metric_key_needs_its_variant():
+    from dizoo_imgcls.config import default_config
+    from dizoo_imgcls.train import check_metric_key
+
+    cfg = default_config()
+    cfg.policy.eval.metric_key = 'acc1_ema'
+    with pytest.raises(ValueError, match='ema.enabled=True'):
+        check_metric_key(cfg)
+    cfg.policy.learn.ema.enabled = True
+    check_metric_key(cfg)
+    cfg.policy.eval.metric_key = 'acc1_ema_tta'
+    with pytest.raises(ValueError, match='tta.flip=True'):
+        check_metric_key(cfg)
+    cfg.policy.eval.tta.flip = True
+    check_metric_key(cfg)
