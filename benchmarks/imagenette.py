@@ -31,6 +31,8 @@ sys.path.insert(0, REPO)
 from dizoo_imgcls.config import ConfigError, build_config, load_config_file  # noqa: E402
 from dizoo_imgcls.summary import git_commit, package_versions  # noqa: E402
 
+from _emit import emit  # noqa: E402  (benchmarks/ is on sys.path when a script here runs)
+
 ENTRY = os.path.join(REPO, 'entry', 'imagenet_res18_main.py')
 CONFIG = os.path.join(REPO, 'config', 'imagenette_res18_config.py')
 STOCK = os.path.join(REPO, 'benchmarks', 'stock_dizoo.py')
@@ -281,12 +283,7 @@ def main(argv=None) -> int:
         result['stock'] = run_stock(args, output_dir)
     if 'ours' in result and 'stock' in result:
         result['ratios'] = ratios(result['ours'], result['stock'])
-    text = json.dumps(result, indent=2)
-    if args.out:
-        with open(args.out, 'w') as f:
-            f.write(text + '\n')
-    print(text, flush=True)
-    return 0
+    return emit(result, args.out, indent=2)
 
 
 if __name__ == '__main__':

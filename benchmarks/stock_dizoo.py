@@ -35,6 +35,8 @@ from easydict import EasyDict
 from tensorboardX import SummaryWriter
 from torch.utils.data import DataLoader
 
+from _emit import emit  # benchmarks/ is on sys.path when a script here runs
+
 # The shipped imagenet_res18_config.py (DI-engine commit 7a832ee), values unchanged unless marked.
 STOCK_CONFIG = dict(
     exp_name='stock_imagenet_res18',  # changed: a name that says which recipe wrote the folder
@@ -238,12 +240,7 @@ def main(argv=None) -> int:
     os.chdir(args.output_dir)
     result = train(args)
     result = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in result.items()}
-    text = json.dumps(result)
-    if args.out:
-        with open(args.out, 'w') as f:
-            f.write(text + '\n')
-    print(text, flush=True)
-    return 0
+    return emit(result, args.out)
 
 
 if __name__ == '__main__':
