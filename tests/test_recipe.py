@@ -1,4 +1,5 @@
 """The training-recipe techniques, each against values computed by hand."""
+import json
 import math
 
 import pytest
@@ -257,3 +258,27 @@ def test_a_variant_metric_key_needs_its_variant():
         check_metric_key(cfg)
     cfg.policy.eval.tta.flip = True
     check_metric_key(cfg)
+
+
+def test_short_run_with_every_technique_enabled(tiny_image_folder, tmp_path):
+    """Everything at once through the entry: ResNet-D + BlurPool, RandAugment, progressive resizing, a larger
+    test resolution, Mixup/CutMix, label smoothing, EMA, flip + multi-scale TTA deciding the best checkpoint."""
+    from test_entry import run_tiny
+
+    everything = ['policy.model.name=resnet18d', 'policy.model.blur_pool=True', 'data.auto_augment=randaugment',
+                  'data.progressive_resize.start_scale=0.5', 'data.progressive_resize.ramp_epochs=[1,2]',
+                  'data.eval_image_size=40', 'policy.learn.mix.mixup_alpha=0.2', 'policy.learn.mix.cutmix_alpha=1.0',
+                  'policy.learn.mix.stop_epoch=1', 'policy.learn.label_smoothing=0.1',
+                  'policy.learn.ema.enabled=True', 'policy.learn.ema.decay=0.9', 'policy.eval.tta.flip=True',
+                  'policy.eval.tta.scales=[1.25]', 'policy.eval.metric_key=acc1_ema_tta']
+    result = run_tiny(tiny_image_folder, str(tmp_path), 'all', *[a for s in everything for a in ('--set', s)])
+    summary = json.loads((tmp_path / 'all' / 'summary.json').read_text())
+    for key in ('acc1', 'acc1_tta', 'acc1_ema', 'acc1_ema_tta'):
+        assert 0 <= summary[key] <= 100, (key, summary)
+    assert summary['eval_samples'] == 15 and summary['model'] == 'resnet18d'
+    assert 'acc1_ema_tta' in result.stdout
+    last, = (tmp_path / 'all' / 'ckpt').glob('epoch_2_iter_*.pth.tar')
+    state = torch.load(last, weights_only=True)
+    assert int(state['policy']['ema']['n_averaged']) == state['last_iter']  # one EMA update per step
+    assert len(state['history']) == 2  # the EMA + TTA metric decided the best checkpoint, TTA in every eval
+    assert state['best']['metric']['acc1_ema_tta'] == max(h['acc1_ema_tta'] for h in state['history'])
