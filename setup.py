@@ -20,6 +20,7 @@ setup(
         'simplejpeg>=1.9',  # libjpeg-turbo decoding straight to reduced scale (data loader speed)
         'tqdm>=4.61',  # per-epoch progress bar (tqdm.contrib.logging)
         'psutil',  # peak memory in summary.json, worker memory in benchmarks
+        'matplotlib',  # the --lr-find plot (DI-engine installs it too)
         'cleanlab>=2.6',  # ranking of likely label errors (entry/find_label_issues.py)
         # ONNX export (entry/export.py): onnxscript runs torch.onnx's exporter, onnxruntime checks the result.
         # onnx 1.23 needs protobuf>=6, which DI-engine's wandb<=0.19 pin (protobuf<6) rules out.
