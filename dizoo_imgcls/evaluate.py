@@ -2,13 +2,13 @@
 import csv
 import logging
 import os
-from typing import Dict, List
+from typing import Dict, Iterable, List
 
 import torch
 from easydict import EasyDict
 
 from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint
-from .config import build_config
+from .config import ConfigError, apply_override, build_config
 from .data import build_loaders
 from .metric import DiagnosticMetric
 from .policy import ImageClassificationPolicy
@@ -17,7 +17,13 @@ from .runtime import init_distributed, setup_logging
 logger = logging.getLogger('dizoo_imgcls')
 
 
-def config_from_checkpoint(state: Dict, path: str, data_root: str) -> EasyDict:
+# What an evaluation may change with --set; the model and its training settings come from the checkpoint.
+EVAL_OVERRIDABLE = ('data.', 'policy.eval.', 'policy.cuda=')
+
+
+def config_from_checkpoint(state: Dict, path: str, data_root: str, overrides: Iterable[str] = ()) -> EasyDict:
+    """The checkpoint's data and eval settings on ``data_root``, then the ``--set`` overrides of ``data.*`` and
+    ``policy.eval.*`` (e.g. a test resolution above the training one: ``data.eval_image_size=160``)."""
     if state.get('format') != CHECKPOINT_FORMAT:
         raise CheckpointError(f'{path} is not a dizoo_imgcls checkpoint (format {state.get("format")!r})')
     stored = state['config']
@@ -28,6 +34,13 @@ def config_from_checkpoint(state: Dict, path: str, data_root: str) -> EasyDict:
     cfg.policy.learn.channels_last = stored['policy']['learn']['channels_last']
     if 'tta' in stored['policy']['eval']:  # the run's test-time augmentation: reported as acc1_tta again
         cfg.policy.eval.tta.update(stored['policy']['eval']['tta'])
+    for assignment in overrides:
+        if not assignment.strip().startswith(EVAL_OVERRIDABLE):
+            raise ConfigError(f"--eval-only --set {assignment}: only data.* and policy.eval.* keys apply to an "
+                              f"evaluation; the model and its training settings come from {path}")
+        apply_override(cfg, assignment)
+    if cfg.data.root != data_root:
+        raise ConfigError('--eval-only: give the data folder as --data-root, not as --set data.root')
     return cfg
 
 
@@ -53,10 +66,11 @@ def write_reports(out_dir: str, names: List[str], confusion: torch.Tensor) -> No
             writer.writerow([name] + [int(v) for v in confusion[i]])
 
 
-def evaluate_checkpoint(path: str, data_root: str) -> Dict:
-    """Evaluate ``path`` on ``data_root/val``; reports go to the checkpoint's experiment folder under eval/."""
+def evaluate_checkpoint(path: str, data_root: str, overrides: Iterable[str] = ()) -> Dict:
+    """Evaluate ``path`` on ``data_root/val``; reports go to the checkpoint's experiment folder under eval/.
+    ``overrides`` are ``--set`` assignments of ``data.*`` / ``policy.eval.*`` keys."""
     state = load_checkpoint(path)
-    cfg = config_from_checkpoint(state, path, data_root)
+    cfg = config_from_checkpoint(state, path, data_root, overrides)
     rank, world_size = init_distributed(cfg.policy.cuda)
     data = build_loaders(cfg.data, cfg.policy.eval.batch_size, cfg.policy.eval.batch_size, rank, world_size)
     if list(data.class_names) != list(state['class_names']):
@@ -73,7 +87,8 @@ def evaluate_checkpoint(path: str, data_root: str) -> Dict:
         names = state.get('display_names') or state['class_names']
         write_reports(out_dir, list(names), confusion)
         tta = f' acc1_tta {metrics["acc1_tta"]:.2f}' if 'acc1_tta' in metrics else ''
-        logger.info(f'{path} on {data_root}: acc1 {metrics["acc1"]:.2f} acc5 {metrics["acc5"]:.2f} '
+        size = f'{cfg.data.eval_image_size or cfg.data.image_size} px'
+        logger.info(f'{path} on {data_root} at {size}: acc1 {metrics["acc1"]:.2f} acc5 {metrics["acc5"]:.2f} '
                     f'loss {metrics["loss"]:.4f}{tta} ({metrics["samples"]} images)')
         logger.info(f'per-class accuracy and confusion matrix: {out_dir}')
     return dict(metrics, report_dir=out_dir)

@@ -113,6 +113,7 @@ def main(argv=None) -> int:
 
 def eval_only(args: argparse.Namespace) -> int:
     from dizoo_imgcls.checkpoint import CheckpointError
+    from dizoo_imgcls.config import ConfigError
     from dizoo_imgcls.data import DataLayoutError
     from dizoo_imgcls.evaluate import evaluate_checkpoint
 
@@ -120,8 +121,8 @@ def eval_only(args: argparse.Namespace) -> int:
         print('error: --eval-only needs --resume CHECKPOINT and --data-root DIR', file=sys.stderr)
         return 2
     try:
-        evaluate_checkpoint(args.resume, args.data_root)
-    except (CheckpointError, DataLayoutError) as e:
+        evaluate_checkpoint(args.resume, args.data_root, args.overrides)
+    except (CheckpointError, ConfigError, DataLayoutError, ValueError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
     return 0

@@ -107,3 +107,23 @@ def test_epoch_seeded_augmentation_is_independent_of_call_order():
     before = torch.get_rng_state()
     data[7]
     assert torch.equal(before, torch.get_rng_state())  # the caller's RNG stream is untouched
+
+
+def test_eval_only_overrides_change_data_and_eval_keys_but_never_the_model():
+    from dizoo_imgcls.checkpoint import CHECKPOINT_FORMAT
+    from dizoo_imgcls.config import ConfigError, default_config
+    from dizoo_imgcls.evaluate import config_from_checkpoint
+
+    stored = default_config()
+    stored.data.image_size, stored.policy.model.name = 128, 'resnet18d'
+    state = {'format': CHECKPOINT_FORMAT, 'config': stored}
+    cfg = config_from_checkpoint(state, 'run.pth.tar', '/data', ['data.eval_image_size=160',
+                                                                 'policy.eval.batch_size=7', 'data.num_workers=0'])
+    assert (cfg.data.image_size, cfg.data.eval_image_size, cfg.data.num_workers) == (128, 160, 0)
+    assert (cfg.policy.eval.batch_size, cfg.policy.model.name, cfg.data.root) == (7, 'resnet18d', '/data')
+    with pytest.raises(ConfigError, match=r'policy.model.name=resnet50: only data.\* and policy.eval.\*'):
+        config_from_checkpoint(state, 'run.pth.tar', '/data', ['policy.model.name=resnet50'])
+    with pytest.raises(ConfigError, match='data.eval_size'):
+        config_from_checkpoint(state, 'run.pth.tar', '/data', ['data.eval_size=160'])
+    with pytest.raises(ConfigError, match='--data-root'):
+        config_from_checkpoint(state, 'run.pth.tar', '/data', ['data.root=/elsewhere'])
