@@ -10,7 +10,10 @@ worker-CPU second (the same per-core figure measured from the workers' CPU time,
 processes share the cores), for our loader, the stock one, ours with Pillow as JPEG decoder, and (train) ours
 exactly as train.py builds it; and the ratios to stock. Stock runs its own transform builders at that size
 (train: resize + center crop, no augmentation; eval: resize / 0.875 + center crop; float normalized output).
-Then worker RSS after each of 3 epochs over the full train split. Not a test: pytest never runs it.
+Then (c): a pre-resized copy of (b) (``python -m dizoo_imgcls.prepare resize``, shorter side
+--resized-short-side px), its build time, and our loader reading it against stock reading (b) itself: what a
+user of the copy gets on repeated runs. Then worker RSS after each of 3 epochs over the full train split. Not a
+test: pytest never runs it.
 """
 import argparse
 import json
@@ -30,6 +33,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dizoo_imgcls.data import DATA_CONFIG, build_datasets, default_num_workers, wrap_loaders  # noqa: E402
 from dizoo_imgcls.data.decode import simplejpeg  # noqa: E402
+from dizoo_imgcls.data.resized_copy import write_resized_copy  # noqa: E402
 
 IMAGENET_SIZE = (500, 375)  # width, height of a typical ImageNet photo
 IMAGENET_QUALITY = 90
@@ -45,6 +49,8 @@ def parse_args(argv=None):
     parser.add_argument('--workers', type=int, default=None, help='loader workers (default: one per core)')
     parser.add_argument('--timed-epochs', type=int, default=3, help='epochs timed per loader after a warm-up one')
     parser.add_argument('--skip-memory', action='store_true', help='skip the 3-epoch worker memory run')
+    parser.add_argument('--resized-short-side', type=int, default=256,
+                        help='shorter side of the pre-resized copy of (b) in case (c); 0 skips (c)')
     return parser.parse_args(argv)
 
 
@@ -150,12 +156,15 @@ def compare(loaders: dict, timed_epochs: int) -> dict:
 
 
 def labels_by_path(ours, stock) -> bool:
-    mine = {os.path.realpath(ours.dataset.path(i)): int(ours.dataset.targets[i]) for i in range(len(ours.dataset))}
-    return mine == {os.path.realpath(p): t for p, t in stock.dataset.data}
+    """Same images (relative to the split folder) with the same labels; a resized copy keeps relative paths."""
+    mine = {ours.dataset.paths[i]: int(ours.dataset.targets[i]) for i in range(len(ours.dataset))}
+    return mine == {os.path.relpath(p, stock.dataset.root): t for p, t in stock.dataset.data}
 
 
-def throughput_case(source: str, root: str, kind: str, size: int, args) -> dict:
-    loaders = {'ours': our_loader(root, kind, size, args), 'stock': stock_loader(root, kind, size, args)}
+def throughput_case(source: str, root: str, kind: str, size: int, args, stock_root: str = None) -> dict:
+    """Ours reading ``root`` against stock reading ``stock_root`` (default: the same folder)."""
+    loaders = {'ours': our_loader(root, kind, size, args),
+               'stock': stock_loader(stock_root or root, kind, size, args)}
     if simplejpeg is not None:
         loaders['ours_pil_decoder'] = our_loader(root, kind, size, args, 'pil')
     if kind == 'train':
@@ -199,6 +208,20 @@ def main(argv=None) -> None:
             for size in args.sizes:
                 for kind in ('train', 'eval'):
                     print(json.dumps(throughput_case(source, root, kind, size, args)), flush=True)
+        if args.resized_short_side:
+            copy_root = os.path.join(tmp, 'c')
+            report = write_resized_copy(sources['b_imagenet_500x375_q90'], copy_root, args.resized_short_side,
+                                        workers=args.workers)
+            print(json.dumps({'case': 'resized_copy_build', 'source': 'b_imagenet_500x375_q90',
+                              'short_side_px': args.resized_short_side, 'images': report.images,
+                              'seconds': round(report.seconds, 2), 'workers': args.workers,
+                              'img_per_s_per_core': round(report.images / report.seconds / args.workers, 1)}),
+                  flush=True)
+            source = f'c_copy_of_b_short_{args.resized_short_side}_vs_stock_on_b'
+            for size in args.sizes:
+                for kind in ('train', 'eval'):
+                    print(json.dumps(throughput_case(source, copy_root, kind, size, args,
+                                                     stock_root=sources['b_imagenet_500x375_q90'])), flush=True)
         if not args.skip_memory:
             print(json.dumps(memory_case('ours_train_128px', as_trained_loader(args.data_root, 128, args))), flush=True)
             print(json.dumps(memory_case('stock_train_128px', stock_loader(args.data_root, 'train', 128, args))),

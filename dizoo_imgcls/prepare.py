@@ -1,12 +1,18 @@
-"""Sort ImageNet's flat validation folder into class folders, as training expects.
+"""Prepare data folders: sort ImageNet's flat validation folder into class folders, as training expects, or
+write a pre-resized copy of a folder for faster repeated runs.
 
     python -m dizoo_imgcls.prepare imagenet --root DIR [--dry-run] [--move] [--labels FILE] [--devkit DIR]
+    python -m dizoo_imgcls.prepare resize --root DIR --out COPY --short-side 256 [--quality 90] [--dry-run]
 
 DIR holds ``train/<synset>/`` and a flat ``val/ILSVRC2012_val_00000001.JPEG ...``. Labels come from Kaggle's
 ``LOC_val_solution.csv`` or from the devkit's ``ILSVRC2012_validation_ground_truth.txt`` with its
 ``meta.mat``, looked up near DIR unless given. Each image gets a hard link in ``val/<synset>/`` (a symlink where
 hard links fail, a move where both fail, or with --move); running again does nothing new. A label file that
 does not match the images is refused before anything changes.
+
+``resize`` writes every train and val image of DIR to COPY with its shorter side at most --short-side px (same
+relative paths, classes and labels; see ``dizoo_imgcls/data/resized_copy.py``); train with --data-root COPY.
+Running it again updates only what changed.
 """
 import argparse
 import os
@@ -16,10 +22,12 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from .data.decode import is_hidden
-from .data.folder import is_image_file
+from .data.folder import DataLayoutError, is_image_file
 from .data.layouts import (DEVKIT_LABELS, DEVKIT_META, KAGGLE_LABELS, SYNSET_WORD_FILES, LabelFileError,
                            find_devkit_data, find_file, read_devkit_labels, read_devkit_synsets, read_kaggle_labels,
                            search_folders)
+from .data.loader import default_num_workers
+from .data.resized_copy import ResizedCopyError, write_resized_copy
 
 EXAMPLES_SHOWN = 5
 
@@ -180,14 +188,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     imagenet.add_argument('--move', action='store_true', help='move the files instead of linking them')
     imagenet.add_argument('--labels', default=None, help=f'{KAGGLE_LABELS} or {DEVKIT_LABELS} (default: search)')
     imagenet.add_argument('--devkit', default=None, help=f'devkit data folder with {DEVKIT_META} (default: search)')
+    resize = sub.add_parser('resize', help='write a copy with every image at most --short-side px on its shorter side')
+    resize.add_argument('--root', required=True, help='folder holding train/<class>/ and val/<class>/')
+    resize.add_argument('--out', required=True, help='folder for the copy (new, empty, or an earlier copy to update)')
+    resize.add_argument('--short-side', type=int, required=True, help='shorter side in px, e.g. 256 for 128-192 '
+                        'px training (crops of the copy must still hold the training size)')
+    resize.add_argument('--quality', type=int, default=90, help='JPEG quality of resized images (default 90)')
+    resize.add_argument('--workers', type=int, default=None, help='processes (default: one per core)')
+    resize.add_argument('--dry-run', action='store_true', help='count what is up to date, write nothing')
     return parser.parse_args(argv)
+
+
+def resize_folder(args: argparse.Namespace) -> int:
+    report = write_resized_copy(args.root, args.out, args.short_side, args.quality,
+                                args.workers or default_num_workers(), args.dry_run)
+    if args.dry_run:
+        print(f'{args.out}: {report.up_to_date} of {report.images} images up to date; dry run: nothing written')
+        return 0
+    for path, reason in report.unreadable:
+        print(f'unreadable, left out: {path}: {reason}')
+    print(f'{args.out}: {report.line()}')
+    print(f'train on it with --data-root {args.out}')
+    return 0
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        if args.dataset == 'resize':
+            return resize_folder(args)
         prepare_imagenet(args.root, args.dry_run, args.move, args.labels, args.devkit)
-    except (LabelFileError, OSError) as e:
+    except (LabelFileError, ResizedCopyError, DataLayoutError, OSError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
     return 0

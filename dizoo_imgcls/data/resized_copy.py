@@ -1,0 +1,176 @@
+"""A pre-resized copy of an image folder, written once and reused by every later run.
+
+    python -m dizoo_imgcls.prepare resize --root DIR --out COPY --short-side 256
+
+Every train and val image of ``DIR`` is written to ``COPY`` under the same relative path, with its shorter side
+scaled down to at most ``--short-side`` px (JPEG), so training on ``--data-root COPY`` sees the same classes,
+files and labels and decodes far fewer pixels: for runs at 128-176 px from ImageNet-sized photos most of the
+loader's CPU time goes into decoding pixels that the resize then averages away (docs/BENCHMARKS.md). Images
+already small enough are hard-linked (copied where links fail), never re-encoded. The files that cannot be read
+are listed and left out. Running again only writes what changed: files are written atomically and a copy at
+least as new as its source is kept, so an interrupted build resumes where it stopped.
+"""
+import json
+import os
+import shutil
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+from PIL import Image
+
+from .check import list_splits
+from .decode import UnreadableImageError, is_hidden, read_image_file
+from .folder import is_image_file
+from .layouts import SYNSET_WORD_FILES
+from .transforms import decode_factor
+
+INFO_FILE = 'resized_copy.json'
+FILES_PER_TASK = 64
+SPLITS = ('train', 'val')
+
+
+class ResizedCopyError(Exception):
+    """The output folder cannot take this copy; the message names the folder and the reason."""
+
+
+@dataclass
+class ResizeReport:
+    images: int = 0
+    resized: int = 0
+    linked: int = 0
+    up_to_date: int = 0
+    removed: int = 0
+    unreadable: List[Tuple[str, str]] = field(default_factory=list)  # (source path, reason)
+    seconds: float = 0.0
+
+    def line(self) -> str:
+        return (f'{self.images} images: {self.resized} resized, {self.linked} linked (already small enough), '
+                f'{self.up_to_date} up to date, {len(self.unreadable)} unreadable (left out), {self.removed} stale '
+                f'removed, in {self.seconds:.1f}s')
+
+
+def target_size(width: int, height: int, short_side: int) -> Tuple[int, int]:
+    """(width, height) with the shorter side scaled to ``short_side``, aspect ratio kept (each side >= 1)."""
+    scale = short_side / min(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def is_up_to_date(src: str, dst: str) -> bool:
+    try:
+        return os.stat(dst).st_mtime_ns >= os.stat(src).st_mtime_ns
+    except OSError:
+        return False
+
+
+def link_or_copy(src: str, dst: str) -> None:
+    tmp = f'{dst}.tmp{os.getpid()}'
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def resize_file(src: str, dst: str, short_side: int, quality: int) -> Tuple[str, Optional[str]]:
+    """('up to date' | 'linked' | 'resized' | 'unreadable', reason or None) for one image."""
+    if is_up_to_date(src, dst):
+        return 'up to date', None
+    try:
+        image = read_image_file(src)
+        height, width = image.size_hw
+        if min(height, width) <= short_side:
+            image.decode(1)  # a damaged small file must be found here, not in training
+            link_or_copy(src, dst)
+            return 'linked', None
+        size = target_size(width, height, short_side)
+        # libjpeg's scaled decode down to the first scale that keeps the target size, then one antialiased resize
+        pixels = image.decode(decode_factor(height, width, short_side))
+    except UnreadableImageError as e:
+        return 'unreadable', str(e)
+    tmp = f'{dst}.tmp{os.getpid()}'
+    Image.fromarray(pixels).resize(size, Image.Resampling.BICUBIC).save(tmp, 'JPEG', quality=quality)
+    os.replace(tmp, dst)  # a killed build leaves a stray .tmp file, never a truncated image under the real name
+    return 'resized', None
+
+
+def _resize_chunk(jobs: List[Tuple[str, str]], short_side: int, quality: int) -> List[Tuple[str, Optional[str]]]:
+    return [resize_file(src, dst, short_side, quality) for src, dst in jobs]
+
+
+def check_output_folder(out: str, info: Dict) -> None:
+    """Refuse a folder that holds something else, or a copy made from another source or with other settings."""
+    info_path = os.path.join(out, INFO_FILE)
+    if os.path.isfile(info_path):
+        with open(info_path) as f:
+            old = json.load(f)
+        changed = [f'{key} {old.get(key)!r} -> {info[key]!r}' for key in ('source', 'short_side', 'quality')
+                   if old.get(key) != info[key]]
+        if changed:
+            raise ResizedCopyError(f'{out} holds a resized copy made with other settings ({", ".join(changed)}); '
+                                   'mixing them would train on images of two sizes: choose a new --out folder')
+    elif os.path.isdir(out) and [name for name in os.listdir(out) if not is_hidden(name)]:
+        raise ResizedCopyError(f'{out} is not empty and holds no {INFO_FILE}: not a resized copy made by this '
+                               'command; choose an empty or new --out folder')
+
+
+def remove_stale(out: str, wanted: set) -> int:
+    """Delete image files under ``out/<split>/`` whose source is gone (and stray temporary files)."""
+    removed = 0
+    for split in SPLITS:
+        for folder, dirs, files in os.walk(os.path.join(out, split)):
+            for name in files:
+                path = os.path.join(folder, name)
+                if (is_image_file(name) or '.tmp' in name) and path not in wanted:
+                    os.remove(path)
+                    removed += 1
+    return removed
+
+
+def copy_class_names(root: str, out: str) -> None:
+    """The synset-word files beside the data, so runs on the copy show ``tench``, not ``n01440764``."""
+    for name in SYNSET_WORD_FILES:
+        path = os.path.join(root, name)
+        if os.path.isfile(path):
+            shutil.copyfile(path, os.path.join(out, name))
+
+
+def write_resized_copy(root: str, out: str, short_side: int, quality: int = 90, workers: int = 1,
+                       dry_run: bool = False) -> ResizeReport:
+    """Bring ``out`` up to date with ``root`` (layout ``root/{train,val}/<class>/<image>``)."""
+    if short_side < 16 or not 1 <= quality <= 100:
+        raise ResizedCopyError(f'--short-side must be >= 16 px and --quality in 1..100, got {short_side}, {quality}')
+    root, out = os.path.abspath(root), os.path.abspath(out)
+    if out == root or out.startswith(root + os.sep):
+        raise ResizedCopyError(f'--out {out} must lie outside --root {root}')
+    info = {'source': root, 'short_side': short_side, 'quality': quality}
+    check_output_folder(out, info)
+    files, _ = list_splits(root)  # DataLayoutError on a wrong layout
+    jobs = [(src, os.path.join(out, os.path.relpath(src, root))) for split in SPLITS for src in files[split]]
+    report = ResizeReport(images=len(jobs))
+    if dry_run:
+        report.up_to_date = sum(1 for src, dst in jobs if is_up_to_date(src, dst))
+        return report
+    start = time.time()
+    # Every class folder, empty ones included, so the copy's class index is the source's.
+    folders = {os.path.join(out, split, e.name) for split in SPLITS for e in os.scandir(os.path.join(root, split))
+               if e.is_dir() and not is_hidden(e.name)}
+    for folder in folders | {os.path.dirname(dst) for _, dst in jobs}:
+        os.makedirs(folder, exist_ok=True)
+    chunks = [jobs[i:i + FILES_PER_TASK] for i in range(0, len(jobs), FILES_PER_TASK)]
+    with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+        results = [r for chunk in pool.map(_resize_chunk, chunks, [short_side] * len(chunks),
+                                           [quality] * len(chunks)) for r in chunk]
+    counts = Counter(action for action, _ in results)
+    report.resized, report.linked, report.up_to_date = counts['resized'], counts['linked'], counts['up to date']
+    report.unreadable = [(src, reason) for (src, _), (action, reason) in zip(jobs, results) if action == 'unreadable']
+    bad = {src for src, _ in report.unreadable}
+    report.removed = remove_stale(out, {dst for src, dst in jobs if src not in bad})
+    copy_class_names(root, out)
+    report.seconds = time.time() - start
+    with open(os.path.join(out, INFO_FILE), 'w') as f:
+        json.dump(dict(info, images=report.images - len(bad), unreadable=[list(item) for item in report.unreadable],
+                       written_at=time.strftime('%Y-%m-%dT%H:%M:%S')), f, indent=1)
+    return report
