@@ -132,3 +132,27 @@ def test_onecycle_peaks_after_warmup_and_anneals():
     assert lr[0] == pytest.approx(0.1)
     assert max(lr) == pytest.approx(1.0, abs=1e-3) and lr.index(max(lr)) in (9, 10, 11)
     assert lr[-1] < 0.01
+
+
+@pytest.mark.parametrize('name', ['sgd', 'adamw'])
+def test_fused_optimizer_takes_the_same_steps_as_the_per_tensor_loop(name):
+    from dizoo_imgcls.policy.optim import build_optimizer
+
+    torch.manual_seed(0)
+    reference = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.BatchNorm1d(5),
+                                    torch.nn.Linear(5, 3))
+    fused_model = copy.deepcopy(reference)
+    fused = build_optimizer(name, fused_model.parameters(), 0.1, momentum=0.9, nesterov=True)
+    assert fused.defaults['fused'] is True
+    kwargs = dict(momentum=0.9, nesterov=True) if name == 'sgd' else {}
+    loop = getattr(torch.optim, {'sgd': 'SGD', 'adamw': 'AdamW'}[name])(reference.parameters(), lr=0.1,
+                                                                        foreach=False, **kwargs)
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    start = [p.detach().clone() for p in reference.parameters()]
+    for _ in range(3):
+        for model, optimizer in ((reference, loop), (fused_model, fused)):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    for a, b, before in zip(reference.parameters(), fused_model.parameters(), start):
+        assert (a - b).abs().max() < 1e-6 and not torch.equal(a, before)
