@@ -80,9 +80,11 @@ def test_second_run_writes_only_what_changed_and_drops_what_is_gone(source, tmp_
     Image.fromarray(gradient(300, 96)).save(source / 'train' / 'n01' / 'big.jpg')  # changed: written again
     os.remove(source / 'val' / 'n02' / 'square.jpg')  # gone: removed from the copy
     (out / 'train' / 'n01' / 'left.jpg.tmp123').write_bytes(b'half a file')  # what a killed build leaves
+    os.rmdir(source / 'train' / 'n03_empty')  # a class gone: its folder must not stay in the copy's class index
     assert resize(source, out) == 0
     assert '1 resized, 0 linked (already small enough), 3 up to date, 1 unreadable (left out), 2 stale removed' \
         in capsys.readouterr().out
+    assert sorted(os.listdir(out / 'train')) == ['n01', 'n02']
     assert Image.open(out / 'train' / 'n01' / 'big.jpg').size == (150, 48)
     assert not (out / 'val' / 'n02' / 'square.jpg').exists()
     assert not (out / 'train' / 'n01' / 'left.jpg.tmp123').exists()

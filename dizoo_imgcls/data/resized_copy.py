@@ -125,10 +125,15 @@ def check_output_folder(out: str, info: Dict) -> None:
                                'command; choose an empty or new --out folder')
 
 
-def remove_stale(out: str, wanted: set) -> int:
-    """Delete image files under ``out/<split>/`` whose source is gone (and stray temporary files)."""
+def remove_stale(out: str, wanted: set, class_folders: set) -> int:
+    """Delete class folders and image files under ``out/<split>/`` whose source is gone (and stray temporary
+    files): a class left behind would shift the class index of every run on the copy."""
     removed = 0
     for split in SPLITS:
+        for entry in os.scandir(os.path.join(out, split)):
+            if entry.is_dir() and not is_hidden(entry.name) and entry.path not in class_folders:
+                removed += sum(len(files) for _, _, files in os.walk(entry.path))
+                shutil.rmtree(entry.path)
         for folder, dirs, files in os.walk(os.path.join(out, split)):
             for name in files:
                 path = os.path.join(folder, name)
@@ -176,7 +181,7 @@ def write_resized_copy(root: str, out: str, short_side: int, quality: int = 90, 
     report.resized, report.linked, report.up_to_date = counts['resized'], counts['linked'], counts['up to date']
     report.unreadable = [(src, reason) for (src, _), (action, reason) in zip(jobs, results) if action == 'unreadable']
     bad = {src for src, _ in report.unreadable}
-    report.removed = remove_stale(out, {dst for src, dst in jobs if src not in bad})
+    report.removed = remove_stale(out, {dst for src, dst in jobs if src not in bad}, folders)
     copy_class_names(root, out)
     report.seconds = time.time() - start
     with open(os.path.join(out, INFO_FILE), 'w') as f:
