@@ -156,3 +156,10 @@ def test_fused_optimizer_takes_the_same_steps_as_the_per_tensor_loop(name):
             optimizer.step()
     for a, b, before in zip(reference.parameters(), fused_model.parameters(), start):
         assert (a - b).abs().max() < 1e-6 and not torch.equal(a, before)
+
+
+def test_batch_size_counts_images_when_mixup_makes_the_targets_soft():
+    torch.manual_seed(0)
+    policy = make_policy(mix=dict(mixup_alpha=0.4, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5, stop_epoch=None))
+    out = policy.learn_mode.forward(fixed_batch())
+    assert out['batch_size'] == 8  # not 8 x 4 classes: the logged img/s and images seen depend on it

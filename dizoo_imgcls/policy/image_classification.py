@@ -263,7 +263,7 @@ class ImageClassificationPolicy(Policy):
             'lr': lr,
             'acc1': 100.0 * acc1.item(),
             'grad_norm': grad_norm,
-            'batch_size': int(target.numel()),
+            'batch_size': int(img.shape[0]),  # images, also when Mixup/CutMix made the targets soft
         }
         out['step_time'] = time.perf_counter() - start
         return out
