@@ -113,7 +113,6 @@ def main(argv=None) -> int:
 
 def eval_only(args: argparse.Namespace) -> int:
     from dizoo_imgcls.checkpoint import CheckpointError
-    from dizoo_imgcls.config import ConfigError
     from dizoo_imgcls.data import DataLayoutError
     from dizoo_imgcls.evaluate import evaluate_checkpoint
 
@@ -122,7 +121,7 @@ def eval_only(args: argparse.Namespace) -> int:
         return 2
     try:
         evaluate_checkpoint(args.resume, args.data_root, args.overrides)
-    except (CheckpointError, ConfigError, DataLayoutError, ValueError) as e:
+    except (CheckpointError, DataLayoutError, ValueError) as e:  # ValueError includes ConfigError
         print(f'error: {e}', file=sys.stderr)
         return 2
     return 0

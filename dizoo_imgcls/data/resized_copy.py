@@ -67,8 +67,13 @@ def is_up_to_date(src: str, dst: str) -> bool:
         return False
 
 
+def temporary_name(dst: str) -> str:
+    """Where ``dst`` is written before its atomic rename (``remove_stale`` clears leftovers of killed builds)."""
+    return f'{dst}.tmp{os.getpid()}'
+
+
 def link_or_copy(src: str, dst: str) -> None:
-    tmp = f'{dst}.tmp{os.getpid()}'
+    tmp = temporary_name(dst)
     try:
         os.link(src, tmp)
     except OSError:
@@ -92,7 +97,7 @@ def resize_file(src: str, dst: str, short_side: int, quality: int) -> Tuple[str,
         pixels = image.decode(decode_factor(height, width, short_side))
     except UnreadableImageError as e:
         return 'unreadable', str(e)
-    tmp = f'{dst}.tmp{os.getpid()}'
+    tmp = temporary_name(dst)
     # torch's uint8 antialiased bicubic: the same filter as Pillow's BICUBIC, ~5x faster
     resized = F.interpolate(torch.from_numpy(pixels).permute(2, 0, 1)[None], size=size[::-1], mode='bicubic',
                             antialias=True)[0]
