@@ -31,7 +31,8 @@ from PIL import Image, features
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dizoo_imgcls.data import DATA_CONFIG, build_datasets, default_num_workers, wrap_loaders  # noqa: E402
+from dizoo_imgcls.data import (DATA_CONFIG, build_datasets, collate_images, default_num_workers,  # noqa: E402
+                               wrap_loaders)
 from dizoo_imgcls.data.decode import simplejpeg  # noqa: E402
 from dizoo_imgcls.data.resized_copy import write_resized_copy  # noqa: E402
 
@@ -103,7 +104,8 @@ def loader_settings(args, kind: str) -> dict:
 
 def our_loader(root: str, kind: str, size: int, args, decoder: str = 'auto') -> DataLoader:
     train_set, val_set = build_datasets(dict(DATA_CONFIG, root=root, image_size=size, decoder=decoder))
-    return DataLoader(train_set if kind == 'train' else val_set, **loader_settings(args, kind))
+    return DataLoader(train_set if kind == 'train' else val_set, collate_fn=collate_images,
+                      **loader_settings(args, kind))
 
 
 def as_trained_loader(root: str, size: int, args) -> DataLoader:

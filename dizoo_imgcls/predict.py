@@ -157,7 +157,8 @@ class _ImageFiles(Dataset):
 def _collate(items):
     good = [(i, img) for i, img, _ in items if img is not None]
     bad = [(i, reason) for i, img, reason in items if img is None]
-    images = torch.stack([img for _, img in good]) if good else None
+    # NHWC memory, as the presets make it (see data.loader.collate_images)
+    images = torch.stack([img.permute(1, 2, 0) for _, img in good]).permute(0, 3, 1, 2) if good else None
     return [i for i, _ in good], images, bad
 
 

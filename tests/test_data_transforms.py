@@ -11,6 +11,7 @@ from torchvision.transforms import v2
 
 from dizoo_imgcls.data.decode import EncodedImage, simplejpeg
 from dizoo_imgcls.data.folder import ImageFolderSplit, PathTable, class_index
+from dizoo_imgcls.data.loader import collate_images
 from dizoo_imgcls.data.transforms import EvalPreset, TrainPreset, decode_factor, sample_crop
 
 
@@ -81,6 +82,26 @@ def test_presets_accept_pillow_images_and_arrays():
         out = preset(image)
         assert out.shape == (3, 32, 32) and out.dtype == torch.uint8 and int(out.float().mean().round()) == 77
         assert preset(np.full((48, 64, 3), 5, np.uint8)).shape == (3, 32, 32)
+
+
+def test_presets_write_hwc_memory_and_batches_stay_channels_last(tmp_path):
+    data = smooth_jpeg(500, 375, quality=90)
+    images = [TrainPreset(64)(EncodedImage(data)), EvalPreset(64)(EncodedImage(data)),
+              EvalPreset(64, crop_ratio=1.0)(np.zeros((64, 80, 3), np.uint8))]  # a crop at output size: no resample
+    for image in images:
+        assert image.shape == (3, 64, 64) and image.permute(1, 2, 0).is_contiguous()  # CHW view of HWC memory
+    items = [(image, label) for label, image in enumerate(images)]
+    images_batch, labels = collate_images(items)
+    assert images_batch.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(images_batch, torch.stack(images)) and labels.tolist() == [0, 1, 2]
+    assert collate_images([(torch.zeros(2), 1)])[0].shape == (1, 2)  # other items: default_collate
+    # Through worker processes (shared memory, pickled strides) the batch keeps its layout.
+    for i in range(4):
+        (tmp_path / f'{i}.jpg').write_bytes(data)
+    dataset = [(EvalPreset(64)(EncodedImage((tmp_path / f'{i}.jpg').read_bytes())), i) for i in range(4)]
+    batch, _ = next(iter(torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=1,
+                                                     collate_fn=collate_images)))
+    assert batch.is_contiguous(memory_format=torch.channels_last) and torch.equal(batch[1], dataset[1][0])
 
 
 def test_path_table_round_trips_any_file_name():

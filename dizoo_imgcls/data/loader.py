@@ -5,7 +5,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from ding.utils.registry import Registry
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
 from .folder import ImageFolderSplit, class_index
 from .layouts import find_display_names
@@ -84,6 +84,20 @@ def default_num_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
 
 
+def collate_images(batch):
+    """``default_collate``, except that the images of ``(image, label)`` items are stacked in NHWC memory.
+
+    The batch is still an ``N x 3 x H x W`` tensor, with channels_last strides: the layout the presets
+    produce and the model computes in, so neither the worker (per image) nor the training process (per
+    batch) copies pixels between layouts. Any other item structure goes to ``default_collate`` as is."""
+    first = batch[0]
+    if not (isinstance(first, (tuple, list)) and len(first) == 2 and isinstance(first[0], torch.Tensor)
+            and first[0].dim() == 3):
+        return default_collate(batch)
+    images = default_collate([image.permute(1, 2, 0) for image, _ in batch])  # in shared memory in a worker
+    return [images.permute(0, 3, 1, 2), default_collate([label for _, label in batch])]
+
+
 def shutdown_workers(*loaders: DataLoader) -> None:
     """Stop the persistent worker processes of ``loaders`` now, while the interpreter is fully alive.
 
@@ -150,6 +164,7 @@ def wrap_loaders(train_set, val_set, data_cfg: Dict, batch_size: int, eval_batch
         num_workers=workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=workers > 0,
+        collate_fn=collate_images,
     )
     train_sampler = DistributedSampler(len(train_set), world_size, rank, shuffle=True, seed=seed, encode_epoch=True)
     val_sampler = DistributedSampler(len(val_set), world_size, rank, shuffle=False)
