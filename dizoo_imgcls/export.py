@@ -126,8 +126,10 @@ def export_model(model: nn.Module, config: Dict[str, Any], class_names: List[str
                  input_dtype: str = 'uint8') -> Dict[str, Any]:
     """Export, verify on a batch of another size, write ``path + '.json'``; returns the sidecar dict.
 
-    An export whose logits differ from PyTorch by ``MAX_ABS_DIFF`` or more is deleted and raises
-    ``ValueError``: a file that does not reproduce the model must not be deployed."""
+    The model is written to a temporary file beside ``path`` and takes its name only once verified, so a
+    failed export leaves an earlier good one (and its sidecar) as it was. An export whose logits differ from
+    PyTorch by ``MAX_ABS_DIFF`` or more raises ``ValueError``, and so does an exporter failure: a file that
+    does not reproduce the model must not be deployed."""
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"export format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
     if input_dtype not in INPUT_DTYPES:
@@ -138,14 +140,25 @@ def export_model(model: nn.Module, config: Dict[str, Any], class_names: List[str
     size, dtype = eval_image_size(config['data']), INPUT_DTYPES[input_dtype]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     exporter = export_torchscript if fmt == 'torchscript' else export_onnx
-    exporter(model, sample_batch(TRACE_BATCH, size, dtype, seed=0), path)
-    diff = verify_export(model, fmt, path, sample_batch(VERIFY_BATCH, size, dtype, seed=1))
-    if not diff < MAX_ABS_DIFF:  # also catches NaN
-        os.remove(path)
-        raise ValueError(f'{fmt} export {path} differs from PyTorch by {diff:.3g} (max abs logit difference, '
-                         f'limit {MAX_ABS_DIFF:g}); the file was removed')
-    meta = sidecar_metadata(model, config, class_names, fmt, path, input_dtype, diff)
-    with open(path + '.json', 'w') as f:
-        json.dump(meta, f, indent=2)
-        f.write('\n')
+    tmp = f'{path}.tmp{os.getpid()}'
+    try:
+        try:
+            exporter(model, sample_batch(TRACE_BATCH, size, dtype, seed=0), tmp)
+        except Exception as e:  # torch.jit / torch.onnx raise many types; the message is what a user can act on
+            raise ValueError(f'{fmt} export of {config["policy"]["model"]["name"]} failed: '
+                             f'{type(e).__name__}: {e}') from e
+        diff = verify_export(model, fmt, tmp, sample_batch(VERIFY_BATCH, size, dtype, seed=1))
+        if not diff < MAX_ABS_DIFF:  # also catches NaN
+            raise ValueError(f'{fmt} export differs from PyTorch by {diff:.3g} (max abs logit difference, limit '
+                             f'{MAX_ABS_DIFF:g}); nothing was written to {path}')
+        meta = sidecar_metadata(model, config, class_names, fmt, path, input_dtype, diff)
+        with open(tmp + '.json', 'w') as f:
+            json.dump(meta, f, indent=2)
+            f.write('\n')
+        os.replace(tmp, path)
+        os.replace(tmp + '.json', path + '.json')
+    finally:
+        for leftover in (tmp, tmp + '.json'):
+            if os.path.exists(leftover):
+                os.remove(leftover)
     return meta

@@ -157,12 +157,25 @@ def test_training_survives_the_corpus_and_names_each_bad_file_once(corpus, tmp_p
     assert files['val_bad'] and summary['eval_samples'] == val_files - len(files['val_bad'])
     assert f"{len(files['train_bad'])} unreadable training file(s) skipped" in result.stdout
 
+    (root / 'val' / 'd_empty').mkdir(exist_ok=True)
     check = run_entry('--check-data', '--data-root', str(root))
     assert check.returncode == 1, check.stdout + check.stderr
     reported = [line for line in check.stdout.splitlines() if line.startswith('unreadable: ')]
     assert sorted(line.split(': ')[1] for line in reported) == sorted(files['train_bad'] + files['val_bad'])
     assert 'empty class folder: ' + str(root / 'train' / 'd_empty') in check.stdout
+    assert 'empty class folder: ' + str(root / 'val' / 'd_empty') in check.stdout
     assert 'Traceback' not in check.stderr
+
+
+def test_a_symlink_loop_in_a_class_folder_is_a_layout_error_not_a_crash(tmp_path):
+    write_good_images(tmp_path, 'train', 2)
+    write_good_images(tmp_path, 'val', 1)
+    loop = tmp_path / 'train' / 'a_red' / 'up'
+    loop.symlink_to('..')  # a_red/up/a_red/up/...
+    for args in (['--check-data'], ['--set', 'policy.learn.train_epoch=1']):
+        result = run_entry('--data-root', str(tmp_path), '--set', f'output_dir={tmp_path / "runs"}', *args)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert 'a folder already listed (a symlink loop' in result.stderr and 'Traceback' not in result.stderr
 
 
 def test_check_data_passes_a_clean_folder_without_training(tmp_path):

@@ -34,7 +34,9 @@ def make_flat_imagenet(root) -> None:
 def write_kaggle_labels(folder, labels=VAL_LABELS) -> None:
     rows = [f'{val_name(i)[:-5]},{SYNSETS[label][0]} 1 2 20 18 {SYNSETS[label][0]} 3 4 9 9' for i, label in
             enumerate(labels, start=1)]
-    (folder / 'LOC_val_solution.csv').write_text('ImageId,PredictionString\n' + '\n'.join(rows) + '\n')
+    # a blank line inside and two at the end, as a hand-edited file has them: skipped
+    rows.insert(2, '')
+    (folder / 'LOC_val_solution.csv').write_text('ImageId,PredictionString\n' + '\n'.join(rows) + '\n\n\n')
     mapping = sorted(SYNSETS.values())
     (folder / 'LOC_synset_mapping.txt').write_text(''.join(f'{wnid} {words}\n' for wnid, words in mapping))
 
@@ -44,7 +46,8 @@ def write_devkit(folder) -> None:
 
     data = folder / 'ILSVRC2012_devkit_t12' / 'data'
     data.mkdir(parents=True)
-    (data / 'ILSVRC2012_validation_ground_truth.txt').write_text(''.join(f'{i}\n' for i in VAL_LABELS))
+    # trailing blank lines are skipped (one inside would shift every later label: refused)
+    (data / 'ILSVRC2012_validation_ground_truth.txt').write_text(''.join(f'{i}\n' for i in VAL_LABELS) + '\n \n')
     fields = ['ILSVRC2012_ID', 'WNID', 'words', 'gloss', 'num_children', 'children', 'wordnet_height',
               'num_train_images']
     rows = [(i, wnid, words, 'gloss', 0, np.zeros(0), 0, 1) for i, (wnid, words) in SYNSETS.items()]

@@ -278,16 +278,26 @@ def test_export_reloads_and_matches_pytorch_on_another_batch_size(checkpoint_pat
     assert meta['verification']['max_abs_diff_vs_pytorch_fp32'] == pytest.approx(printed, rel=1e-2, abs=1e-12)
 
 
-def test_export_that_misses_the_tolerance_is_removed_and_exits_1(checkpoint_path, tmp_path, capsys, monkeypatch):
+def test_export_that_misses_the_tolerance_writes_nothing_and_exits_1(checkpoint_path, tmp_path, capsys,
+                                                                     monkeypatch):
     from dizoo_imgcls import export
 
+    args = ['--checkpoint', checkpoint_path, '--format', 'torchscript']
     monkeypatch.setattr(export, 'MAX_ABS_DIFF', 0.0)  # no difference is below 0: verification must fail
     out_file = tmp_path / 'model.pt'
-    code = load_entry('export').main(['--checkpoint', checkpoint_path, '--format', 'torchscript',
-                                      '--output', str(out_file)])
+    assert load_entry('export').main(args + ['--output', str(out_file)]) == 1
     err = capsys.readouterr().err
-    assert code == 1 and 'differs from PyTorch' in err and str(out_file) in err
-    assert not out_file.exists() and not (tmp_path / 'model.pt.json').exists()
+    assert 'differs from PyTorch' in err and str(out_file) in err
+    assert os.listdir(tmp_path) == []  # no model, no sidecar, no temporary file
+
+    # A failed re-export leaves the earlier verified model and its sidecar as they were.
+    monkeypatch.undo()
+    assert load_entry('export').main(args + ['--output', str(out_file)]) == 0
+    good = out_file.read_bytes(), (tmp_path / 'model.pt.json').read_text()
+    monkeypatch.setattr(export, 'MAX_ABS_DIFF', 0.0)
+    assert load_entry('export').main(args + ['--output', str(out_file)]) == 1
+    assert (out_file.read_bytes(), (tmp_path / 'model.pt.json').read_text()) == good
+    assert sorted(os.listdir(tmp_path)) == ['model.pt', 'model.pt.json']
 
 
 def test_folder_names_are_shown_when_the_checkpoint_has_no_display_names():

@@ -119,3 +119,70 @@ def test_target_size_keeps_the_aspect_ratio():
     assert target_size(500, 375, 256) == (341, 256)
     assert target_size(375, 500, 256) == (256, 341)
     assert target_size(1000, 3, 16) == (5333, 16)
+
+
+class Killed(Exception):
+    pass
+
+
+class PoolKilledAtOnce:
+    """Stands in for the process pool: the build dies before any image is written."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def map(self, *args):
+        raise Killed
+
+
+def test_a_killed_first_build_is_resumed_not_refused(source, tmp_path, monkeypatch, capsys):
+    import dizoo_imgcls.data.resized_copy as resized_copy
+
+    out = tmp_path / 'copy'
+    monkeypatch.setattr(resized_copy, 'ProcessPoolExecutor', PoolKilledAtOnce)
+    with pytest.raises(Killed):
+        resized_copy.write_resized_copy(str(source), str(out), 48)
+    info = json.loads((out / INFO_FILE).read_text())  # on disk before the first image
+    assert (info['short_side'], info['complete']) == (48, False)
+    monkeypatch.undo()
+    (out / 'train' / 'n01' / 'big.jpg.tmp99').write_bytes(b'half an image')  # what a kill leaves
+    assert resize(source, out) == 0
+    assert '4 resized, 1 linked (already small enough), 0 up to date, 1 unreadable (left out), 1 stale removed' \
+        in capsys.readouterr().out
+    assert json.loads((out / INFO_FILE).read_text())['complete'] is True
+
+
+def test_a_source_replaced_by_an_older_file_is_written_again(source, tmp_path, capsys):
+    out = tmp_path / 'copy'
+    assert resize(source, out) == 0
+    src, dst = source / 'train' / 'n01' / 'big.jpg', out / 'train' / 'n01' / 'big.jpg'
+    assert dst.stat().st_mtime_ns == src.stat().st_mtime_ns  # the copy carries its source's time
+    Image.new('RGB', (100, 60), (255, 255, 0)).save(src)
+    os.utime(src, (946684800, 946684800))  # 2000-01-01, as tar -x or rsync -a would leave it
+    capsys.readouterr()
+    assert resize(source, out) == 0
+    assert '1 resized, 0 linked (already small enough), 4 up to date' in capsys.readouterr().out
+    assert Image.open(dst).size == (80, 48) and Image.open(dst).getpixel((40, 24))[2] < 40  # yellow now
+
+
+def test_no_val_classes_unreadable_settings_and_names_above_the_root(tmp_path, capsys):
+    root = tmp_path / 'ILSVRC' / 'Data' / 'CLS-LOC'
+    (root / 'train' / 'n01').mkdir(parents=True)
+    (root / 'val').mkdir()
+    Image.fromarray(gradient(100, 80)).save(root / 'train' / 'n01' / 'a.jpg')
+    (tmp_path / 'LOC_synset_mapping.txt').write_text('n01 tench, Tinca tinca\n')  # Kaggle keeps it 3 levels up
+    out = tmp_path / 'copy'
+    assert resize(root, out) == 0
+    assert (out / 'val').is_dir() and (out / 'LOC_synset_mapping.txt').is_file()
+    assert build_datasets(dict(DATA_CONFIG, root=str(out)))[0].classes == ['n01']
+
+    (out / INFO_FILE).write_text('{"source": "/da')  # truncated
+    capsys.readouterr()
+    assert resize(root, out) == 2
+    assert f'{out / INFO_FILE} cannot be read' in capsys.readouterr().err

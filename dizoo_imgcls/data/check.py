@@ -36,10 +36,10 @@ def ignored_files(split_dir: str) -> int:
     return count
 
 
-def list_splits(root: str) -> Tuple[Dict[str, List[str]], List[str]]:
-    """({split: absolute image paths}, empty training class folders); raises DataLayoutError on a bad layout."""
+def list_splits(root: str) -> Tuple[Dict[str, List[str]], List[Tuple[str, str]]]:
+    """({split: absolute image paths}, [(split, empty class folder)]); raises DataLayoutError on a bad layout."""
     class_to_idx = class_index(os.path.join(root, 'train'))
-    files, empty_train = {}, []
+    files, empty_folders = {}, []
     for split in ('train', 'val'):
         split_dir = os.path.join(root, split)
         if not os.path.isdir(split_dir):
@@ -47,15 +47,15 @@ def list_splits(root: str) -> Tuple[Dict[str, List[str]], List[str]]:
         check_split_classes(split_dir, class_to_idx)
         paths, _, empty = scan_split(split_dir, class_to_idx)
         files[split] = [os.path.join(split_dir, p) for p in paths]
-        empty_train = empty if split == 'train' else empty_train
+        empty_folders.extend((split, folder) for folder in empty)
     if not files['train']:
         raise DataLayoutError(f"{os.path.join(root, 'train')} has no image files in its class folders")
-    return files, empty_train
+    return files, empty_folders
 
 
 def check_data_folders(data_cfg) -> int:
-    """Print every unreadable image of ``data.root`` (and empty training class folders); 1 if any, 0 if none,
-    2 if the folder layout itself is wrong."""
+    """Print every unreadable image of ``data.root`` and every empty class folder; 1 if any, 0 if none, 2 if the
+    folder layout itself is wrong."""
     if data_cfg['type'] != 'image_folder':
         print(f"--check-data reads image folders; data.type '{data_cfg['type']}' has none to check")
         return 0
@@ -63,7 +63,7 @@ def check_data_folders(data_cfg) -> int:
     root = data_cfg['root']
     decoder = resolve_decoder(data_cfg.get('decoder', 'auto'))
     try:
-        files, empty_train = list_splits(root)
+        files, empty_folders = list_splits(root)
     except DataLayoutError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
@@ -74,10 +74,11 @@ def check_data_folders(data_cfg) -> int:
         bad = [item for found in pool.map(_check_chunk, chunks, [decoder] * len(chunks)) for item in found]
     for path, reason in bad:
         print(f'unreadable: {path}: {reason}')
-    for folder in empty_train:
-        print(f'empty class folder: {folder} (the class gets no training images)')
+    for split, folder in empty_folders:
+        what = 'training images' if split == 'train' else 'validation images: its accuracy is not measured'
+        print(f'empty class folder: {folder} (the class gets no {what})')
     ignored = sum(ignored_files(os.path.join(root, split)) for split in ('train', 'val'))
     print(f"checked {len(files['train'])} train + {len(files['val'])} val images with {workers} processes in "
-          f'{time.time() - start:.1f}s: {len(bad)} unreadable, {len(empty_train)} empty class folder(s), '
+          f'{time.time() - start:.1f}s: {len(bad)} unreadable, {len(empty_folders)} empty class folder(s), '
           f'{ignored} hidden or non-image file(s) ignored')
-    return 1 if bad or empty_train else 0
+    return 1 if bad or empty_folders else 0

@@ -58,17 +58,24 @@ def class_index(train_dir: str) -> Dict[str, int]:
     return {name: i for i, name in enumerate(classes)}
 
 
-def list_image_files(folder: str) -> List[str]:
+def list_image_files(folder: str, _listed: Optional[set] = None) -> List[str]:
     """Image files under ``folder`` (recursively, sorted), relative to it. Hidden files and folders are left
     out, and so are pipes, sockets and devices (reading one would block); broken symlinks stay in, so the
-    loader reports them."""
+    loader reports them. A folder reached twice (a symlink loop, or a link to a folder already listed) is a
+    ``DataLayoutError``: its images would be listed forever, or twice."""
+    listed = set() if _listed is None else _listed
+    real = os.path.realpath(folder)
+    if real in listed:
+        raise DataLayoutError(f'{folder} is {real}, a folder already listed (a symlink loop or a second link to '
+                              'it): its images would be read twice; remove the link')
+    listed.add(real)
     found = []
     with os.scandir(folder) as entries:
         for entry in entries:
             if is_hidden(entry.name):
                 continue
             if entry.is_dir():
-                found.extend(os.path.join(entry.name, name) for name in list_image_files(entry.path))
+                found.extend(os.path.join(entry.name, name) for name in list_image_files(entry.path, listed))
             elif (entry.is_file() or entry.is_symlink()) and is_image_file(entry.name):
                 found.append(entry.name)
     return sorted(found)

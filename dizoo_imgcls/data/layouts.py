@@ -107,6 +107,8 @@ def read_kaggle_labels(path: str) -> Dict[str, str]:
             raise LabelFileError(f'{path}: expected the header "ImageId,PredictionString" of {KAGGLE_LABELS}, '
                                  f'got {header}')
         for line_no, row in enumerate(reader, start=2):
+            if not any(cell.strip() for cell in row):
+                continue  # blank lines (a trailing newline too many)
             if len(row) < 2 or not row[1].split():
                 raise LabelFileError(f'{path}:{line_no}: expected "<image id>,<synset> ...", got {row}')
             labels[row[0].strip()] = row[1].split()[0]
@@ -129,10 +131,13 @@ def read_devkit_labels(labels_path: str, meta_path: str) -> Dict[str, str]:
     id_to_synset = read_devkit_synsets(meta_path)
     labels = {}
     with open(labels_path, encoding='utf-8') as f:
-        for line_no, line in enumerate(f, start=1):
-            text = line.strip()
-            if not text.isdigit() or int(text) not in id_to_synset:
-                raise LabelFileError(f'{labels_path}:{line_no}: expected an ILSVRC2012_ID that {meta_path} lists '
-                                     f'(1..{len(id_to_synset)}), got {text!r}')
-            labels[f'ILSVRC2012_val_{line_no:08d}'] = id_to_synset[int(text)][0]
+        lines = f.read().splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()  # trailing blank lines; one inside would shift every label after it, and is refused below
+    for line_no, line in enumerate(lines, start=1):
+        text = line.strip()
+        if not text.isdigit() or int(text) not in id_to_synset:
+            raise LabelFileError(f'{labels_path}:{line_no}: expected an ILSVRC2012_ID that {meta_path} lists '
+                                 f'(1..{len(id_to_synset)}), got {text!r}')
+        labels[f'ILSVRC2012_val_{line_no:08d}'] = id_to_synset[int(text)][0]
     return labels

@@ -7,8 +7,10 @@ scaled down to at most ``--short-side`` px (JPEG), so training on ``--data-root 
 files and labels and decodes far fewer pixels: for runs at 128-176 px from ImageNet-sized photos most of the
 loader's CPU time goes into decoding pixels that the resize then averages away (docs/BENCHMARKS.md). Images
 already small enough are hard-linked (copied where links fail), never re-encoded. The files that cannot be read
-are listed and left out. Running again only writes what changed: files are written atomically and a copy at
-least as new as its source is kept, so an interrupted build resumes where it stopped.
+are listed and left out. Running again only writes what changed: files are written atomically, each copy carries
+its source's modification time and is kept while the two match (a hard link is its source), and the settings
+are recorded in ``resized_copy.json`` before the first image is written, so an interrupted build resumes where
+it stopped.
 """
 import json
 import os
@@ -26,7 +28,7 @@ from PIL import Image
 from .check import list_splits
 from .decode import UnreadableImageError, is_hidden, read_image_file
 from .folder import is_image_file
-from .layouts import SYNSET_WORD_FILES
+from .layouts import SYNSET_WORD_FILES, search_folders
 from .transforms import decode_factor
 
 INFO_FILE = 'resized_copy.json'
@@ -61,10 +63,18 @@ def target_size(width: int, height: int, short_side: int) -> Tuple[int, int]:
 
 
 def is_up_to_date(src: str, dst: str) -> bool:
+    """The copy carries its source's modification time (a hard link is the source itself). Equal, not newer:
+    a source replaced by an older file (``tar -x``, ``rsync -a``, ``cp -p`` keep old times) is written again."""
     try:
-        return os.stat(dst).st_mtime_ns >= os.stat(src).st_mtime_ns
+        return os.stat(dst).st_mtime_ns == os.stat(src).st_mtime_ns
     except OSError:
         return False
+
+
+def carry_mtime(src: str, path: str) -> None:
+    """Give ``path`` (a new file, never a hard link to ``src``) the access and modification time of ``src``."""
+    stat = os.stat(src)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
 
 def temporary_name(dst: str) -> str:
@@ -78,6 +88,7 @@ def link_or_copy(src: str, dst: str) -> None:
         os.link(src, tmp)
     except OSError:
         shutil.copyfile(src, tmp)
+        carry_mtime(src, tmp)
     os.replace(tmp, dst)
 
 
@@ -102,6 +113,7 @@ def resize_file(src: str, dst: str, short_side: int, quality: int) -> Tuple[str,
     resized = F.interpolate(torch.from_numpy(pixels).permute(2, 0, 1)[None], size=size[::-1], mode='bicubic',
                             antialias=True)[0]
     Image.fromarray(resized.permute(1, 2, 0).contiguous().numpy()).save(tmp, 'JPEG', quality=quality)
+    carry_mtime(src, tmp)
     os.replace(tmp, dst)  # a killed build leaves a stray .tmp file, never a truncated image under the real name
     return 'resized', None
 
@@ -118,8 +130,14 @@ def check_output_folder(out: str, info: Dict) -> None:
     """Refuse a folder that holds something else, or a copy made from another source or with other settings."""
     info_path = os.path.join(out, INFO_FILE)
     if os.path.isfile(info_path):
-        with open(info_path) as f:
-            old = json.load(f)
+        try:
+            with open(info_path) as f:
+                old = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ResizedCopyError(f'{info_path} cannot be read ({e}): delete it only if {out} is a resized copy '
+                                   'made by this command, then run again') from e
+        if not isinstance(old, dict):
+            raise ResizedCopyError(f'{info_path} is not the settings file of a resized copy')
         changed = [f'{key} {old.get(key)!r} -> {info[key]!r}' for key in ('source', 'short_side', 'quality')
                    if old.get(key) != info[key]]
         if changed:
@@ -135,6 +153,8 @@ def remove_stale(out: str, wanted: set, class_folders: set) -> int:
     files): a class left behind would shift the class index of every run on the copy."""
     removed = 0
     for split in SPLITS:
+        if not os.path.isdir(os.path.join(out, split)):
+            continue
         for entry in os.scandir(os.path.join(out, split)):
             if entry.is_dir() and not is_hidden(entry.name) and entry.path not in class_folders:
                 removed += sum(len(files) for _, _, files in os.walk(entry.path))
@@ -149,11 +169,23 @@ def remove_stale(out: str, wanted: set, class_folders: set) -> int:
 
 
 def copy_class_names(root: str, out: str) -> None:
-    """The synset-word files beside the data, so runs on the copy show ``tench``, not ``n01440764``."""
-    for name in SYNSET_WORD_FILES:
-        path = os.path.join(root, name)
-        if os.path.isfile(path):
-            shutil.copyfile(path, os.path.join(out, name))
+    """The nearest synset-word file that training on ``root`` would read (in it or up to 3 folders above, e.g.
+    Kaggle's layout), into the copy, so runs on the copy show ``tench``, not ``n01440764``."""
+    for folder in search_folders(root):
+        for name in SYNSET_WORD_FILES:
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):
+                shutil.copyfile(path, os.path.join(out, name))
+                return
+
+
+def write_info(out: str, info: Dict) -> None:
+    """``resized_copy.json``, written atomically."""
+    path = os.path.join(out, INFO_FILE)
+    tmp = temporary_name(path)
+    with open(tmp, 'w') as f:
+        json.dump(info, f, indent=1)
+    os.replace(tmp, path)
 
 
 def write_resized_copy(root: str, out: str, short_side: int, quality: int = 90, workers: int = 1,
@@ -173,11 +205,13 @@ def write_resized_copy(root: str, out: str, short_side: int, quality: int = 90, 
         report.up_to_date = sum(1 for src, dst in jobs if is_up_to_date(src, dst))
         return report
     start = time.time()
-    # Every class folder, empty ones included, so the copy's class index is the source's.
+    # Every split and class folder, empty ones included, so the copy's class index is the source's.
     folders = {os.path.join(out, split, e.name) for split in SPLITS for e in os.scandir(os.path.join(root, split))
                if e.is_dir() and not is_hidden(e.name)}
-    for folder in folders | {os.path.dirname(dst) for _, dst in jobs}:
+    for folder in folders | {os.path.dirname(dst) for _, dst in jobs} | {os.path.join(out, s) for s in SPLITS}:
         os.makedirs(folder, exist_ok=True)
+    # The settings go first: a build killed half-way is then recognised as this command's and resumed.
+    write_info(out, dict(info, complete=False))
     chunks = [jobs[i:i + FILES_PER_TASK] for i in range(0, len(jobs), FILES_PER_TASK)]
     with ProcessPoolExecutor(max_workers=max(1, workers), initializer=_one_thread) as pool:
         results = [r for chunk in pool.map(_resize_chunk, chunks, [short_side] * len(chunks),
@@ -189,7 +223,7 @@ def write_resized_copy(root: str, out: str, short_side: int, quality: int = 90, 
     report.removed = remove_stale(out, {dst for src, dst in jobs if src not in bad}, folders)
     copy_class_names(root, out)
     report.seconds = time.time() - start
-    with open(os.path.join(out, INFO_FILE), 'w') as f:
-        json.dump(dict(info, images=report.images - len(bad), unreadable=[list(item) for item in report.unreadable],
-                       written_at=time.strftime('%Y-%m-%dT%H:%M:%S')), f, indent=1)
+    write_info(out, dict(info, complete=True, images=report.images - len(bad),
+                         unreadable=[list(item) for item in report.unreadable],
+                         written_at=time.strftime('%Y-%m-%dT%H:%M:%S')))
     return report
