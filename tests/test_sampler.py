@@ -32,10 +32,23 @@ def test_same_epoch_same_order_and_eval_order_is_stable():
 def test_train_batches_keep_every_sample_and_never_end_with_one():
     sampler = DistributedSampler(9, 1, 0, shuffle=False)
     batches = list(TrainBatchSampler(sampler, 4))
-    assert [len(b) for b in batches] == [4, 5]  # 4 + 4 + 1 -> the lone sample joins the last batch
-    assert len(TrainBatchSampler(sampler, 4)) == 2
-    assert sorted(i for b in batches for i in b) == list(range(9))
+    assert [len(b) for b in batches] == [4, 3, 2]  # 4 + 4 + 1 -> the last two batches share their 5 samples
+    assert len(TrainBatchSampler(sampler, 4)) == 3
+    assert [i for b in batches for i in b] == list(range(9))  # in order, each once
     assert [len(b) for b in TrainBatchSampler(DistributedSampler(10, 1, 0, shuffle=False), 4)] == [4, 4, 2]
+
+
+def test_every_rank_gets_the_same_number_of_batches():
+    # 2 ranks: shards of 9 and 8 (batch 4 -> 3 batches each, not 3 and 2), of 10 and 9, 17 and 16, ...
+    for num_samples in range(2, 60):
+        for batch_size in (2, 3, 4, 8):
+            shards = [DistributedSampler(num_samples, 2, rank, shuffle=True, seed=1) for rank in (0, 1)]
+            batches = [list(TrainBatchSampler(shard, batch_size)) for shard in shards]
+            assert len(batches[0]) == len(batches[1]) == len(TrainBatchSampler(shards[1], batch_size))
+            assert sorted(i for rank in batches for b in rank for i in b) == list(range(num_samples))
+            assert all(0 < len(b) <= batch_size for rank in batches for b in rank)
+            if batch_size > 2 and num_samples >= 2 * 2 * batch_size:  # 2 full batches per rank: no batch of one
+                assert all(len(b) >= 2 for rank in batches for b in rank), (num_samples, batch_size)
 
 
 def test_loader_workers_see_sampler_epoch():

@@ -46,8 +46,12 @@ class DistributedSampler(Sampler):
 
 
 class TrainBatchSampler(BatchSampler):
-    """Batches a shard without dropping anything; a trailing batch of one sample (which BatchNorm cannot
-    normalize in training mode) is folded into the batch before it.
+    """Batches a shard without dropping anything, into the same number of batches on every rank.
+
+    Every rank makes ``ceil(longest shard / batch_size)`` batches (shards differ by at most one sample), so
+    all ranks run the same number of steps, and their LR schedules, sized by that count, stay in step. Full
+    batches come first; where the tail would be a batch of one sample (which BatchNorm cannot normalize in
+    training mode), the last two batches share their samples evenly instead.
 
     ``skip_batches`` (set by the training loop before each epoch) resumes an epoch mid-way: the skipped
     batches are never loaded, and the rest come in the same order as in the uninterrupted epoch.
@@ -57,15 +61,31 @@ class TrainBatchSampler(BatchSampler):
         super().__init__(sampler, batch_size, drop_last=False)
         self.skip_batches = 0
 
-    def __iter__(self):
-        batches = list(super().__iter__())
-        if len(batches) > 1 and len(batches[-1]) == 1:
-            batches[-2].extend(batches.pop())
-        return iter(batches[self.skip_batches:])
-
     def __len__(self) -> int:
-        n = super().__len__()
-        return n - 1 if n > 1 and len(self.sampler) % self.batch_size == 1 else n
+        num_samples, replicas = getattr(self.sampler, 'num_samples', None), getattr(self.sampler, 'num_replicas', 1)
+        longest = -(-num_samples // replicas) if num_samples is not None else len(self.sampler)
+        return max(1, -(-longest // self.batch_size))
+
+    def batch_sizes(self, shard_size: int) -> list:
+        count = len(self)
+        if shard_size < count:
+            raise ValueError(f'{shard_size} samples cannot fill {count} batches: the shard is too small')
+        sizes = [self.batch_size] * (count - 1) + [shard_size - self.batch_size * (count - 1)]
+        if count > 1 and sizes[-1] < 2:  # a lone sample (or, on a shorter shard, none): share the tail evenly
+            k = 2
+            while k < count and sum(sizes[-k:]) < 2 * k:
+                k += 1
+            total = sum(sizes[-k:])
+            sizes[-k:] = [total // k + (1 if i < total % k else 0) for i in range(k)]
+        return sizes
+
+    def __iter__(self):
+        indices = list(self.sampler)
+        batches, start = [], 0
+        for size in self.batch_sizes(len(indices)):
+            batches.append(indices[start:start + size])
+            start += size
+        return iter(batches[self.skip_batches:])
 
 
 class EpochSeededDataset(Dataset):
