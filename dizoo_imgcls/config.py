@@ -131,8 +131,14 @@ def apply_override(cfg: EasyDict, assignment: str) -> None:
     if not isinstance(node, dict) or (parts[-1] not in node and not in_open_section):
         raise _unknown_key_error(key, flat_keys(cfg), '--set')
     value = parse_value(text)
-    if isinstance(node.get(parts[-1]), dict) and not isinstance(value, dict):
-        raise ConfigError(f"--set {key}: '{key}' is a section; set one of its keys, e.g. {key}.<name>=...")
+    section = node.get(parts[-1])
+    if isinstance(section, dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"--set {key}: '{key}' is a section; set one of its keys, e.g. {key}.<name>=...")
+        # A dict updates the section key by key (the keys it leaves out keep their values), checked like a file.
+        if key not in OPEN_SECTIONS:
+            check_keys(value, section, f'--set {key}')
+        value = deep_merge_dicts(section, value)
     node[parts[-1]] = value
 
 

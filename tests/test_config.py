@@ -41,6 +41,21 @@ def test_malformed_and_section_overrides():
         apply_override(cfg, 'policy.learn=3')
 
 
+def test_a_dict_override_updates_its_section_key_by_key_and_is_checked():
+    cfg = build_config({}, ["policy.learn.ema={'enabled': True}"])
+    assert cfg.policy.learn.ema.enabled is True and cfg.policy.learn.ema.decay == default_config().policy.learn.ema.decay
+    with pytest.raises(ConfigError, match="unknown config key 'mixup_alpah' in --set policy.learn.mix.*mixup_alpha"):
+        build_config({}, ["policy.learn.mix={'mixup_alpah': 0.2}"])
+
+
+def test_model_options_are_checked_against_the_model():
+    from dizoo_imgcls.model import create_model
+
+    with pytest.raises(ValueError, match="'resnet18' has no option 'blurpool' \\(did you mean blur_pool\\?\\)"):
+        create_model('resnet18', 10, blurpool=True)
+    assert create_model('resnet18', 10, blur_pool=True) is not None
+
+
 def test_model_section_accepts_model_specific_keys():
     cfg = build_config({}, ['policy.model.name=resnet34', 'policy.model.mean=[0.5, 0.5, 0.5]'])
     assert cfg.policy.model.name == 'resnet34' and cfg.policy.model.mean == [0.5, 0.5, 0.5]

@@ -3,6 +3,8 @@
 Image models take uint8 (or float 0..255) NCHW batches; the normalization to mean/std lives inside the
 model so the data workers ship compact uint8 tensors and an exported model needs no separate preprocessing.
 """
+import difflib
+import inspect
 import logging
 from typing import Callable, Dict, Sequence
 
@@ -74,7 +76,7 @@ def _register_torchvision_resnet(name: str, tweak_d: bool = False) -> None:
     builder: Callable[..., nn.Module] = getattr(torchvision.models, name)
 
     def build(num_classes: int, zero_init_residual: bool = False, blur_pool: bool = False, mean=IMAGENET_MEAN,
-              std=IMAGENET_STD, **_):
+              std=IMAGENET_STD):
         backbone = builder(weights=None, num_classes=num_classes)
         if tweak_d:
             resnet_d_(backbone)
@@ -101,7 +103,15 @@ def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:
         raise KeyError(f"unknown model '{name}'; available: {', '.join(available_models())}")
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f'num_classes must be a positive integer, got {num_classes!r}')
-    return MODEL_REGISTRY[name](num_classes=num_classes, **kwargs)
+    builder = MODEL_REGISTRY[name]
+    options = inspect.signature(builder).parameters
+    if not any(p.kind == p.VAR_KEYWORD for p in options.values()):
+        valid = [k for k in options if k != 'num_classes']
+        for key in sorted(set(kwargs) - set(options)):  # a typo (blurpool) must not be silently ignored
+            close = difflib.get_close_matches(key, valid, n=2, cutoff=0.5)
+            hint = f" (did you mean {' or '.join(close)}?)" if close else ''
+            raise ValueError(f"model '{name}' has no option '{key}'{hint}; its options: {', '.join(valid)}")
+    return builder(num_classes=num_classes, **kwargs)
 
 
 def classifier_head_prefix(model: nn.Module) -> str:
