@@ -30,6 +30,12 @@ class CheckpointError(Exception):
     """A checkpoint cannot be read or is not ours; the message names the file."""
 
 
+def one_line(error: BaseException, limit: int = 300) -> str:
+    """An exception's message (load_state_dict's spans many lines) as one line of at most ``limit`` chars."""
+    text = ' '.join(str(error.args[0] if error.args else type(error).__name__).split())
+    return text if len(text) <= limit else text[:limit - 3] + '...'
+
+
 def _fsync_dir(path: str) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)

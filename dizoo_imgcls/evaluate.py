@@ -27,10 +27,14 @@ def config_from_checkpoint(state: Dict, path: str, data_root: str, overrides: It
     if state.get('format') != CHECKPOINT_FORMAT:
         raise CheckpointError(f'{path} is not a dizoo_imgcls checkpoint (format {state.get("format")!r})')
     stored = state['config']
-    cfg = build_config({'data': stored['data'], 'policy': {'model': stored['policy']['model']}})
+    # The weights come from the checkpoint: the file a fine-tuned run started from is not needed (nor read).
+    model = dict(stored['policy']['model'], pretrained=None)
+    cfg = build_config({'data': stored['data'], 'policy': {'model': model}})
     cfg.data.root = data_root
     cfg.policy.eval.batch_size = stored['policy']['eval']['batch_size']
-    cfg.policy.learn.amp = stored['policy']['learn']['amp']
+    # A run trained in fp16 on a GPU is evaluated in the best precision this machine has.
+    amp = stored['policy']['learn']['amp']
+    cfg.policy.learn.amp = 'auto' if amp == 'fp16' and not torch.cuda.is_available() else amp
     cfg.policy.learn.channels_last = stored['policy']['learn']['channels_last']
     if 'tta' in stored['policy']['eval']:  # the run's test-time augmentation: reported as acc1_tta again
         cfg.policy.eval.tta.update(stored['policy']['eval']['tta'])

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
-from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint
+from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint, one_line
 from .data.decode import UnreadableImageError, read_image_file, resolve_decoder
 from .data.folder import list_image_files
 from .data.transforms import EvalPreset, eval_image_size
@@ -37,12 +37,6 @@ def _require(tree: Dict[str, Any], dotted: str, path: str) -> Any:
             raise CheckpointError(f"{path} has no '{dotted}' (expected a {CHECKPOINT_FORMAT} checkpoint)")
         node = node[key]
     return node
-
-
-def _one_line(error: Exception, limit: int = 300) -> str:
-    """An exception's message (load_state_dict's spans many lines) as one line of at most ``limit`` chars."""
-    text = ' '.join(str(error.args[0] if error.args else type(error).__name__).split())
-    return text if len(text) <= limit else text[:limit - 3] + '...'
 
 
 def checkpoint_class_names(state: Dict[str, Any], path: str) -> List[str]:
@@ -93,11 +87,11 @@ def load_model_from_checkpoint(path: str, weights: str = 'model') -> Tuple[nn.Mo
         raise CheckpointError(f"{path}: policy.model.num_classes is {model_cfg.get('num_classes')!r} but "
                               f'{len(class_names)} class names are stored')
     try:
-        model = build_model_from_cfg(model_cfg)
+        model = build_model_from_cfg(dict(model_cfg, pretrained=None))  # the weights are the checkpoint's
         model.load_state_dict(state_dict)
     except (KeyError, ValueError, RuntimeError) as e:  # unknown model name, bad kwargs, mismatched weights
         raise CheckpointError(f"{path}: cannot rebuild model {model_cfg.get('name')!r} from the stored config "
-                              f'and weights: {_one_line(e)}') from None
+                              f'and weights: {one_line(e)}') from None
     if not any(isinstance(m, InputNormalize) for m in model.modules()):
         raise CheckpointError(f"{path}: model {model_cfg.get('name')!r} does not take images (it has no "
                               f'InputNormalize input layer); only image classifiers can predict or export')

@@ -61,17 +61,19 @@ def setup_logging(exp_dir: str = None, rank: int = 0) -> None:
 
 
 def experiment_dir(cfg: EasyDict) -> str:
-    """Where this run writes: the resumed run's folder, else ``output_dir/exp_name`` (plus a timestamp if
-    that folder is already used). The same path on every rank."""
+    """Where this run writes: the resumed run's folder (``EXP`` of ``--resume EXP/ckpt/FILE``), else
+    ``output_dir/exp_name`` (plus a timestamp if that folder is already used). The same path on every rank."""
     restart_marker = _elastic_restart_marker(cfg)
-    if restart_marker and os.path.isfile(restart_marker):  # torchrun restarted us: continue the same folder
+    # Only a restarted attempt reads the marker: a new job with the same torchrun run id (its default is 'none')
+    # must not write into the folder of an earlier, finished one.
+    if restart_marker and elastic_restart_count() > 0 and os.path.isfile(restart_marker):
         with open(restart_marker) as f:
             path = f.read().strip()
     elif cfg.resume == 'auto':
         path = os.path.abspath(os.path.join(cfg.output_dir, cfg.exp_name))
-    elif cfg.resume:
+    elif cfg.resume and os.path.basename(os.path.dirname(os.path.abspath(cfg.resume))) == 'ckpt':
         path = os.path.dirname(os.path.dirname(os.path.abspath(cfg.resume)))  # EXP/ckpt/file.pth.tar
-    else:
+    else:  # a new run, or one resumed from a checkpoint file kept outside any experiment folder
         path = os.path.abspath(os.path.join(cfg.output_dir, cfg.exp_name))
         if os.path.exists(path) and os.listdir(path):
             path = f"{path}_{datetime.now().strftime('%y%m%d_%H%M%S')}"
@@ -80,7 +82,7 @@ def experiment_dir(cfg: EasyDict) -> str:
         dist.broadcast_object_list(holder, src=0)
         path = holder[0]
     os.makedirs(path, exist_ok=True)
-    if restart_marker and not os.path.isfile(restart_marker) and int(os.environ.get('RANK', '0')) == 0:
+    if restart_marker and elastic_restart_count() == 0 and int(os.environ.get('RANK', '0')) == 0:
         with open(restart_marker, 'w') as f:
             f.write(path)
     return path

@@ -13,7 +13,7 @@ from ding.worker import BaseLearner, MetricSerialEvaluator
 from easydict import EasyDict
 from tensorboardX import SummaryWriter
 
-from .checkpoint import (CHECKPOINT_FORMAT, CheckpointError, atomic_torch_save, latest_checkpoint,
+from .checkpoint import (CHECKPOINT_FORMAT, CheckpointError, atomic_torch_save, latest_checkpoint, one_line,
                          load_checkpoint, prune_checkpoints, rng_state, set_rng_state, step_checkpoint_name,
                          to_plain)
 from .config import save_config_file
@@ -38,9 +38,22 @@ def log_skipped_files(dataset, tb, epoch: int) -> None:
             logger.warning(f'epoch {epoch}: {skipped} unreadable training file(s) skipped so far (see train.log)')
 
 
-def check_metric_key(cfg: EasyDict) -> None:
-    """A metric key of a variant needs that variant: acc1_ema an EMA, acc1_tta test-time augmentation."""
+METRIC_BASES, METRIC_VARIANTS = ('acc1', 'acc5', 'loss'), ('', 'tta', 'ema', 'ema_tta')
+
+
+def check_run_settings(cfg: EasyDict) -> None:
+    """What would otherwise fail only after the first epoch: the metric key (a variant's key needs that variant:
+    acc1_ema an EMA, acc1_tta test-time augmentation), eval_every, and the names that become paths."""
+    for name, types in (('exp_name', str), ('output_dir', (str, os.PathLike))):
+        if not isinstance(cfg[name], types) or not str(cfg[name]):
+            raise ValueError(f'{name} must be a non-empty string, got {cfg[name]!r} (quote it: --set {name}="...")')
+    if not isinstance(cfg.eval_every, int) or cfg.eval_every < 1:
+        raise ValueError(f'eval_every must be a positive number of epochs, got {cfg.eval_every!r}')
     key, ev = cfg.policy.eval.metric_key, cfg.policy.eval
+    base, _, variant = str(key).partition('_')
+    if base not in METRIC_BASES or variant not in METRIC_VARIANTS:
+        raise ValueError(f"policy.eval.metric_key must be one of {', '.join(METRIC_BASES)}, optionally with the "
+                         f"suffix _tta, _ema or _ema_tta (e.g. acc1_tta), got {key!r}")
     if 'ema' in key.split('_') and not cfg.policy.learn.ema.enabled:
         raise ValueError(f"policy.eval.metric_key='{key}' needs policy.learn.ema.enabled=True")
     if 'tta' in key.split('_') and not (ev.tta.flip or ev.tta.scales):
@@ -58,15 +71,30 @@ def prepare_config(cfg: EasyDict, data) -> None:
     cfg.policy.learn.iters_per_epoch = len(data.train_loader)
 
 
-# What the LR schedule and the data order were built from: a resume must not change them silently.
-_RESUME_FIXED_KEYS = ('train_epoch', 'iters_per_epoch', 'batch_size', 'lr_schedule', 'lr_per_256', 'warmup_epochs')
+# What the model, the LR schedule, the optimizer state and the data order were built from: a resume must not
+# change them silently (the restored scheduler and optimizer would ignore a change, or the weights not fit).
+_RESUME_FIXED_KEYS = tuple(f'policy.learn.{k}' for k in (
+    'train_epoch', 'iters_per_epoch', 'batch_size', 'lr_schedule', 'lr_per_256', 'warmup_epochs', 'lr_step_epochs',
+    'lr_step_gamma', 'final_lr_factor', 'optimizer')) + ('policy.model.name', 'seed')
+_MISSING = object()
+
+
+def _lookup(config: Dict[str, Any], dotted: str):
+    for part in dotted.split('.'):
+        if not isinstance(config, dict) or part not in config:
+            return _MISSING
+        config = config[part]
+    return config
 
 
 def check_same_schedule(stored: Dict[str, Any], cfg: EasyDict, path: str) -> None:
-    changed = [f'policy.learn.{k}: {stored["policy"]["learn"][k]!r} -> {cfg.policy.learn[k]!r}'
-               for k in _RESUME_FIXED_KEYS if stored['policy']['learn'][k] != cfg.policy.learn[k]]
+    changed = []
+    for key in _RESUME_FIXED_KEYS:
+        before, now = _lookup(stored, key), _lookup(cfg, key)
+        if before is not _MISSING and before != now:  # keys an older checkpoint lacks are not compared
+            changed.append(f'{key}: {before!r} -> {now!r}')
     if changed:
-        raise CheckpointError(f'cannot resume {path} with a different schedule ({"; ".join(changed)}); '
+        raise CheckpointError(f'cannot resume {path} with different settings ({"; ".join(changed)}); '
                               f'resume with the settings it was trained with, or fine-tune from it with '
                               f'--set policy.model.pretrained={path}')
 
@@ -77,7 +105,7 @@ class TrainingRun:
     def __init__(self, cfg: EasyDict) -> None:
         self.start_time = time.time()
         self.cfg = cfg
-        check_metric_key(cfg)
+        check_run_settings(cfg)
         self.rank, self.world_size = init_distributed(cfg.policy.cuda)
         cfg.policy.learn.multi_gpu = self.world_size > 1
         set_deterministic(cfg.deterministic)
@@ -148,7 +176,11 @@ class TrainingRun:
         if list(state['class_names']) != list(self.data.class_names):
             raise CheckpointError(f'{path} was trained on classes {state["class_names"][:5]}..., but the data '
                                   f'folder has {self.data.class_names[:5]}...; resume needs the same classes')
-        self.policy.learn_mode.load_state_dict(state['policy'])
+        try:
+            self.policy.learn_mode.load_state_dict(state['policy'])
+        except (RuntimeError, KeyError, ValueError) as e:  # the weights do not fit this model
+            raise CheckpointError(f'{path} does not fit policy.model.name={self.cfg.policy.model.name!r} '
+                                  f'({one_line(e)})') from e
         self.learner.last_iter.update(state['last_iter'])
         self.epoch, self.batch = state['position']['epoch'], state['position']['batch']
         self.best, self.best_epoch = state['best']['metric'], state['best']['epoch']
@@ -173,11 +205,11 @@ class TrainingRun:
 
     # ----- the loop -----
     def fit(self) -> Dict[str, Any]:
+        if self.cfg.resume:
+            self.resume()  # first: a refused resume must leave the run's folder as it was
         if self.rank == 0:
             save_config_file(self.cfg, os.path.join(self.exp_dir, 'total_config.py'))
             write_json(os.path.join(self.exp_dir, 'classes.json'), self.data.class_names)
-        if self.cfg.resume:
-            self.resume()
         self._log_start()
         self.visuals.log_training_images(self.learner.train_iter)
         metrics = self.history[-1] if self.history else {}
@@ -217,11 +249,16 @@ class TrainingRun:
         # TTA in every evaluation when asked, or when it decides the best checkpoint (metric_key acc1_tta)
         every = tta.every_eval or 'tta' in self.cfg.policy.eval.metric_key.split('_')
         self.policy.eval_mode.set_attribute('tta_active', last or every)
-        stop, metrics = self.evaluator.eval(self.learner.save_checkpoint, self.learner.train_iter)
+        # The evaluator asks for ckpt_best while it evaluates; it is written once this epoch's result is part of
+        # the run's state (best, history), so the file records itself as the best.
+        best_requests = []
+        stop, metrics = self.evaluator.eval(best_requests.append, self.learner.train_iter)
         self.log_hook.log_eval(metrics, epoch, self.learner.train_iter)
         if self.metric.gt(metrics, self.best):
             self.best, self.best_epoch = dict(metrics), epoch
         self.history.append({'epoch': epoch, **metrics})
+        for name in best_requests:
+            self.learner.save_checkpoint(name)
         if self.rank == 0:
             final = stop or epoch == self.cfg.policy.learn.train_epoch
             event = EvalEvent(self.policy.eval_mode, self.tb, epoch, self.learner.train_iter, self.exp_dir, final,
@@ -246,6 +283,7 @@ class TrainingRun:
             'acc1_tta': metrics.get('acc1_tta'),
             'acc1_ema': metrics.get('acc1_ema'),
             'acc1_ema_tta': metrics.get('acc1_ema_tta'),
+            # acc1 of the best evaluation by policy.eval.metric_key (ckpt_best's); all its metrics: best_metrics.
             'best_acc1': self.best['acc1'] if self.best else None,
             'best_epoch': self.best_epoch,
             'eval_samples': metrics.get('samples'),
@@ -262,7 +300,9 @@ class TrainingRun:
             log_hparams(self.tb, self.cfg, summary, self.world_size, self.learner.train_iter)
             write_json(os.path.join(self.exp_dir, 'summary.json'), summary)
             if summary['acc1'] is not None:
-                logger.info(f"done in {summary['wall_seconds']:.0f}s: acc1 {summary['acc1']:.2f} (best "
+                key = self.cfg.policy.eval.metric_key
+                best = f'{key} {self.best[key]:.4g}, acc1 ' if key != 'acc1' else ''
+                logger.info(f"done in {summary['wall_seconds']:.0f}s: acc1 {summary['acc1']:.2f} (best: {best}"
                             f"{summary['best_acc1']:.2f} at epoch {self.best_epoch}), "
                             f"{summary['train_img_per_sec']:.1f} train img/s")
             logger.info(f'experiment folder: {self.exp_dir}')

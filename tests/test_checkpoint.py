@@ -127,3 +127,16 @@ def test_eval_only_overrides_change_data_and_eval_keys_but_never_the_model():
         config_from_checkpoint(state, 'run.pth.tar', '/data', ['data.eval_size=160'])
     with pytest.raises(ConfigError, match='--data-root'):
         config_from_checkpoint(state, 'run.pth.tar', '/data', ['data.root=/elsewhere'])
+
+
+def test_eval_config_of_a_fine_tuned_fp16_run_needs_neither_its_start_weights_nor_a_gpu():
+    from dizoo_imgcls.checkpoint import CHECKPOINT_FORMAT
+    from dizoo_imgcls.config import default_config
+    from dizoo_imgcls.evaluate import config_from_checkpoint
+
+    stored = default_config()
+    stored.policy.model.pretrained = '/gone/imagenet_resnet18.pth'  # the weights it was fine-tuned from
+    stored.policy.learn.amp = 'fp16'
+    cfg = config_from_checkpoint({'format': CHECKPOINT_FORMAT, 'config': stored}, 'run.pth.tar', '/data')
+    assert cfg.policy.model.pretrained is None
+    assert cfg.policy.learn.amp == ('fp16' if torch.cuda.is_available() else 'auto')

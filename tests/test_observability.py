@@ -239,6 +239,10 @@ def test_short_run_writes_panels_summary_and_plain_console(tiny_image_folder, tm
     exp = tmp_path / 'obs'
     summary = json.loads((exp / 'summary.json').read_text())
     assert summary['best_metrics']['acc1'] == summary['best_acc1'] and summary['metric_key'] == 'acc1'
+    from dizoo_imgcls.checkpoint import load_checkpoint
+    best = load_checkpoint(str(exp / 'ckpt' / 'ckpt_best.pth.tar'))  # records itself as the best, in its history
+    assert best['best']['epoch'] == best['history'][-1]['epoch'] == best['position']['epoch']
+    assert best['best']['metric']['acc1'] == best['history'][-1]['acc1']
     assert summary['peak_rss_mb'] > 10 and 0 <= summary['train_data_wait_share'] < 1
     assert summary['versions']['DI-engine'] and summary['versions']['dizoo_imgcls']
     assert summary['config_sha256'] == config_sha256(_compiled_config(exp))

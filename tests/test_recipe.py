@@ -243,11 +243,22 @@ def test_auto_augment_is_reproduced_per_sample_seed():
         TrainPreset(24, auto_augment='autoaugment')
 
 
-def test_a_variant_metric_key_needs_its_variant():
+def test_a_variant_metric_key_needs_its_variant_and_bad_settings_fail_before_training():
     from dizoo_imgcls.config import default_config
-    from dizoo_imgcls.train import check_metric_key
+    from dizoo_imgcls.train import check_run_settings as check_metric_key
 
     cfg = default_config()
+    for key, value, message in (('exp_name', 123, 'exp_name must be a non-empty string'),
+                                ('eval_every', 0, 'eval_every must be a positive'),
+                                ('policy.eval.metric_key', 'top1', 'metric_key must be one of acc1, acc5, loss')):
+        bad = default_config()
+        *path, last = key.split('.')
+        node = bad
+        for part in path:
+            node = node[part]
+        node[last] = value
+        with pytest.raises(ValueError, match=message):
+            check_metric_key(bad)
     cfg.policy.eval.metric_key = 'acc1_ema'
     with pytest.raises(ValueError, match='ema.enabled=True'):
         check_metric_key(cfg)

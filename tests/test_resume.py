@@ -29,15 +29,17 @@ def small_cfg(root, out, epochs, exp_name, *extra):
 
 
 def test_stopped_after_epoch_2_and_resumed_matches_uninterrupted_epoch_3(tiny_image_folder, tmp_path):
-    full = train(small_cfg(tiny_image_folder, tmp_path, 3, 'full'))
+    mixup = 'policy.learn.mix.mixup_alpha=0.2'  # its draws come from torch's global RNG, saved in the checkpoint
+    full = train(small_cfg(tiny_image_folder, tmp_path, 3, 'full', mixup))
     # The "interrupted" run: same recipe, its epoch-2 checkpoint taken from a run cut short after epoch 2.
     # It loads with 2 worker processes: augmentation depends on (seed, epoch, index) only, not on workers.
-    cut = train(small_cfg(tiny_image_folder, tmp_path, 3, 'cut', 'checkpoint.keep_last=0', 'data.num_workers=2'))
+    cut = train(small_cfg(tiny_image_folder, tmp_path, 3, 'cut', mixup, 'checkpoint.keep_last=0',
+                          'data.num_workers=2'))
     epoch2 = [p for p in step_checkpoints(os.path.join(cut['exp_dir'], 'ckpt')) if 'epoch_2_' in p][0]
     for path in step_checkpoints(os.path.join(cut['exp_dir'], 'ckpt')):
         if path != epoch2:
             os.remove(path)
-    resumed = train(small_cfg(tiny_image_folder, tmp_path, 3, 'cut', 'resume="auto"'))
+    resumed = train(small_cfg(tiny_image_folder, tmp_path, 3, 'cut', mixup, 'resume="auto"', 'data.num_workers=2'))
     assert resumed['exp_dir'] == cut['exp_dir']
     assert resumed['acc1'] == full['acc1'] and resumed['loss'] == full['loss']
     history = load_checkpoint(step_checkpoints(os.path.join(cut['exp_dir'], 'ckpt'))[-1])['history']
@@ -61,10 +63,17 @@ def test_mid_epoch_resume_continues_from_the_saved_iteration(tiny_image_folder, 
     assert resumed['acc1'] == full['acc1'] and resumed['loss'] == full['loss']
 
 
-def test_resume_with_another_schedule_is_refused(tiny_image_folder, tmp_path):
+def test_resume_with_another_schedule_or_model_is_refused_and_changes_nothing(tiny_image_folder, tmp_path):
     run = train(small_cfg(tiny_image_folder, tmp_path, 1, 'sched'))
-    with pytest.raises(Exception, match='different schedule.*train_epoch: 1 -> 2'):
+    config_file = os.path.join(run['exp_dir'], 'total_config.py')
+    written = open(config_file).read()
+    with pytest.raises(Exception, match='different settings.*train_epoch: 1 -> 2'):
         train(small_cfg(tiny_image_folder, tmp_path, 2, 'sched', 'resume="auto"'))
+    with pytest.raises(Exception, match="different settings.*policy.model.name: 'resnet18' -> 'resnet34'"):
+        train(small_cfg(tiny_image_folder, tmp_path, 1, 'sched', 'resume="auto"', 'policy.model.name="resnet34"'))
+    with pytest.raises(Exception, match="does not fit policy.model.name='resnet18'.*size mismatch"):
+        train(small_cfg(tiny_image_folder, tmp_path, 1, 'sched', 'resume="auto"', 'policy.model.num_classes=50'))
+    assert open(config_file).read() == written  # the refused runs did not overwrite the run's config
     assert os.path.exists(os.path.join(run['exp_dir'], 'summary.json'))
 
 
@@ -109,3 +118,28 @@ def test_sigkill_at_random_moments_never_loses_or_repeats_an_epoch(tiny_image_fo
     summary = json.loads((out / 'killed' / 'summary.json').read_text())
     assert summary['epochs'] == epochs
     assert summary['acc1'] == reference['acc1'] and summary['loss'] == pytest.approx(reference['loss'], abs=0)
+
+
+def test_experiment_folder_of_torchrun_jobs_and_of_checkpoints_kept_elsewhere(tmp_path, monkeypatch):
+    from easydict import EasyDict
+
+    from dizoo_imgcls.runtime import experiment_dir
+
+    cfg = EasyDict(output_dir=str(tmp_path / 'runs'), exp_name='T', resume=None)
+    monkeypatch.setenv('TORCHELASTIC_RUN_ID', 'none')  # torchrun's default run id: the same for every job
+    monkeypatch.setenv('TORCHELASTIC_RESTART_COUNT', '0')
+    first = experiment_dir(cfg)
+    assert first == str(tmp_path / 'runs' / 'T')
+    (tmp_path / 'runs' / 'T' / 'summary.json').write_text('{}')
+    second = experiment_dir(cfg)  # a new job, not a restart: it must not write into the first job's folder
+    assert second != first and os.path.basename(second).startswith('T_')
+    monkeypatch.setenv('TORCHELASTIC_RESTART_COUNT', '1')  # torchrun restarted the second job
+    assert experiment_dir(cfg) == second
+
+    monkeypatch.delenv('TORCHELASTIC_RUN_ID')
+    kept = tmp_path / 'elsewhere' / 'sub'
+    kept.mkdir(parents=True)
+    cfg.resume = str(kept / 'model.pth.tar')  # not EXP/ckpt/FILE: writing into its grandparent would be a surprise
+    assert os.path.dirname(experiment_dir(cfg)) == str(tmp_path / 'runs')
+    cfg.resume = str(tmp_path / 'runs' / 'T' / 'ckpt' / 'epoch_1_iter_5.pth.tar')
+    assert experiment_dir(cfg) == first

@@ -171,9 +171,14 @@ def wrap_loaders(train_set, val_set, data_cfg: Dict, batch_size: int, eval_batch
     # Augmentation randomness is a function of (seed, epoch, sample index): independent of worker count and
     # batch order, different on every rank (disjoint indices), and exactly reproduced by a resumed run.
     epoch_hook = progressive_resize_hook(train_set, data_cfg)
+    # Each loader draws its workers' base seed from a generator of its own, not from torch's global one, which
+    # Mixup/CutMix draw from: otherwise a resumed run (one iterator for all epochs with persistent workers, one
+    # per epoch without) would shift the mixing stream, and results would depend on the worker count.
     train_loader = DataLoader(EpochSeededDataset(train_set, seed, epoch_hook),
-                              batch_sampler=TrainBatchSampler(train_sampler, batch_size), **common)
-    val_loader = DataLoader(val_set, batch_size=eval_batch_size, sampler=val_sampler, **common)
+                              batch_sampler=TrainBatchSampler(train_sampler, batch_size),
+                              generator=torch.Generator().manual_seed(seed), **common)
+    val_loader = DataLoader(val_set, batch_size=eval_batch_size, sampler=val_sampler,
+                            generator=torch.Generator().manual_seed(seed), **common)
     return ClassificationData(train_loader, val_loader, train_sampler, val_sampler, list(class_names),
                               display_names=display_names)
 
