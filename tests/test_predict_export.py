@@ -244,6 +244,17 @@ def test_damaged_or_foreign_checkpoint_is_one_line_and_exit_2(checkpoint_path, t
     assert len(err.strip().splitlines()) == 1 and str(bad) in err and says in err, err
 
 
+def test_a_fine_tuned_checkpoint_predicts_without_the_weights_it_started_from(checkpoint_path, tmp_path):
+    state = load_checkpoint(checkpoint_path)
+    state['config']['policy']['model']['pretrained'] = str(tmp_path / 'deleted_imagenet_weights.pth')
+    moved = tmp_path / 'fine_tuned.pth.tar'
+    torch.save(state, moved)
+    model, _, _ = load_model_from_checkpoint(str(moved))
+    reference, _, _ = load_model_from_checkpoint(checkpoint_path)
+    images = torch.randint(0, 256, (2, 3, IMAGE_PX, IMAGE_PX), dtype=torch.uint8)
+    assert torch.equal(model(images), reference(images))
+
+
 def run_exported(fmt, path, images):
     if fmt == 'torchscript':
         return torch.jit.load(path)(images)
