@@ -1,4 +1,5 @@
 """The training run: data -> policy -> DI-engine BaseLearner + MetricSerialEvaluator -> experiment folder."""
+import atexit
 import logging
 import os
 import shutil
@@ -134,7 +135,11 @@ class TrainingRun:
         cfg = self.cfg
         # DI-engine's learner and evaluator write text logs under './{exp_name}/log' on every rank; only rank 0
         # may write into the experiment folder, the others log to a private temporary folder.
-        self._log_root = self.exp_dir if self.rank == 0 else tempfile.mkdtemp(prefix=f'dizoo_imgcls_rank{self.rank}_')
+        if self.rank == 0:
+            self._log_root = self.exp_dir
+        else:  # removed at exit, also when the run fails (not after SIGKILL)
+            self._log_root = tempfile.mkdtemp(prefix=f'dizoo_imgcls_rank{self.rank}_')
+            atexit.register(shutil.rmtree, self._log_root, True)
         exp_name = os.path.relpath(self._log_root)
         # world size 1 for the learner: with more, DI-engine adds its LogReduceHook, which all-reduces the log
         # values on cuda:rank (failing on CPU); DDP already syncs gradients and our logger reports global img/s.

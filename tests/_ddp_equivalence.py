@@ -1,5 +1,6 @@
 """Worker for tests/test_distributed.py: K policy steps on a fixed global batch, either as one process on the
-whole batch or as one of several torchrun ranks on its slice. Writes rank 0's parameters to argv[1]."""
+whole batch or as one of several torchrun ranks on its slice. Writes rank 0's parameters to argv[1] (and the
+initial ones to argv[1] + '.init')."""
 import sys
 
 import torch
@@ -20,6 +21,8 @@ def main(out_path: str) -> None:
                           amp='none', bn_eval=True, multi_gpu=world > 1, lr_per_256=3.2, weight_decay=1e-4))
     torch.manual_seed(0)
     policy = ImageClassificationPolicy(cfg, enable_field=['learn'])
+    if rank == 0:
+        torch.save(policy._model.state_dict(), out_path + '.init')  # to check that the steps moved the weights
     data = torch.Generator().manual_seed(1)
     share = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
     for _ in range(STEPS):

@@ -1,5 +1,6 @@
 """DDP under torchrun on CPU (gloo, 2 processes): same updates as one process, exact eval, one writer,
 fast failure when a rank dies, resume after torchrun restarts the job."""
+import csv
 import json
 import os
 import re
@@ -40,12 +41,18 @@ def test_two_process_steps_equal_one_process_on_the_combined_batch(tmp_path):
     a, b = torch.load(single), torch.load(double)
     for key in a:
         assert torch.allclose(a[key].float(), b[key].float(), atol=1e-5, rtol=1e-4), key
-    assert not torch.equal(a['backbone.fc.weight'], torch.zeros_like(a['backbone.fc.weight']))
+    init = torch.load(str(single) + '.init')
+    for key in ('backbone.conv1.weight', 'backbone.fc.weight'):  # the steps really trained (both runs agree)
+        assert (a[key] - init[key]).abs().max() > 1e-3, key
 
 
 def test_two_process_run_exact_eval_and_exactly_one_writer(tiny_image_folder, tmp_path):
-    result = run(TORCHRUN + entry_args(tiny_image_folder, tmp_path, 'ddp', 2), timeout=600)
+    private_tmp = tmp_path / 'tmp'  # where rank 1 keeps DI-engine's logs while it runs
+    private_tmp.mkdir()
+    result = run(TORCHRUN + entry_args(tiny_image_folder, tmp_path, 'ddp', 2), timeout=600,
+                 env=dict(os.environ, TMPDIR=str(private_tmp)))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert not [n for n in os.listdir(private_tmp) if n.startswith('dizoo_imgcls_rank')]  # removed at the end
     exp = tmp_path / 'ddp'
     summary = json.loads((exp / 'summary.json').read_text())
     assert summary['world_size'] == 2 and summary['eval_samples'] == 15  # 15 val images: not divisible by 2
@@ -62,6 +69,16 @@ def test_two_process_run_exact_eval_and_exactly_one_writer(tiny_image_folder, tm
     assert float(match.group(1)) == pytest.approx(summary['acc1'], abs=0.01)
     assert float(match.group(3)) == pytest.approx(summary['loss'], abs=1e-4)
     assert int(match.group(4)) == 15
+    # Its reports: the confusion matrix counts every val image once (5 per class), its diagonal is the acc1.
+    with open(exp / 'eval' / 'confusion_matrix.csv') as f:
+        rows = list(csv.reader(f))
+    matrix = [[int(v) for v in row[1:]] for row in rows[1:]]
+    assert [sum(row) for row in matrix] == [5, 5, 5] and rows[0][1:] == [row[0] for row in rows[1:]]
+    assert 100 * sum(matrix[i][i] for i in range(3)) / 15 == pytest.approx(float(match.group(1)), abs=0.01)
+    with open(exp / 'eval' / 'per_class_accuracy.csv') as f:
+        per_class = list(csv.DictReader(f))
+    assert [(int(r['samples']), int(r['correct'])) for r in per_class] == [(5, matrix[i][i]) for i in range(3)]
+    assert all(float(r['acc1']) == pytest.approx(100 * int(r['correct']) / 5) for r in per_class)
 
 
 def _rank_process(launcher: subprocess.Popen, rank: int, deadline: float) -> psutil.Process:
