@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torchvision
@@ -34,6 +35,13 @@ def test_benchmark_reports_both_runs_and_consistent_ratios(tiny_image_folder, tm
         assert run['train_img_per_sec'] > 0 and run['wall_minutes'] > 0
         assert run['peak_rss_largest_process_mb'] > 0 and run['peak_rss_tree_sum_mb'] > 0
         assert str(out_dir) in run['exp_dir']
+    # Every reported number is the run's own: ours from its summary.json, stock's speed from its image count.
+    summary = json.loads((Path(ours['exp_dir']) / 'summary.json').read_text())
+    assert (ours['top1'], ours['top5'], ours['top1_tta']) == (summary['acc1'], summary['acc5'], summary['acc1_tta'])
+    assert (ours['train_img_per_sec'], ours['epochs'], ours['eval_samples']) == (
+        summary['train_img_per_sec'], summary['epochs'], summary['eval_samples']) and summary['epochs'] == 1
+    assert ours['raw_step']['batch_size'] == 8 and ours['raw_step']['timed_steps'] == 2
+    assert ours['raw_step']['warmup_steps'] == 1
     assert 'top1_tta' in ours and ours['raw_img_per_sec'] > 0
     assert ours['model'] == 'resnet18d' and ours['num_classes'] == 3
     # ResNet-D: torchvision's ResNet-18 with a stem of three 3x3 convs (3->32->32->64, two extra BN(32))
@@ -43,6 +51,9 @@ def test_benchmark_reports_both_runs_and_consistent_ratios(tiny_image_folder, tm
     assert ours['train_sizes_by_epoch'] == [16] and list(ours['raw_img_per_sec_by_size']) == ['16']
     assert ours['efficiency'] == pytest.approx(ours['train_img_per_sec'] / ours['raw_img_per_sec'], abs=1e-3)
     assert stock['images_trained'] == stock['train_images'] == 3 * 12 + 1  # every image once, the grayscale PNG too
+    # its speed is images / training time (train_minutes is rounded to 0.06 s)
+    assert stock['train_img_per_sec'] == pytest.approx(stock['images_trained'] / (stock['train_minutes'] * 60),
+                                                       rel=0.1)
     assert stock['eval_images'] == 3 * 5 and stock['num_outputs'] == 1000
 
     if stock['top1']:

@@ -66,3 +66,22 @@ def test_short_run_on_generated_folder_writes_experiment(tiny_image_folder, tmp_
     assert (exp / 'total_config.py').exists() and (exp / 'ckpt' / 'ckpt_best.pth.tar').exists()
     assert f'tensorboard --logdir {exp / "tb"}' in result.stdout
     assert 'img/s' in result.stdout and 'eta' in result.stdout
+
+
+def test_the_demo_writes_the_digits_once_and_learns_them(tmp_path):
+    from dizoo_imgcls.demo import prepare_digits
+
+    cache = tmp_path / 'cache'
+    root = prepare_digits(str(cache / 'digits'))
+    files = {split: sorted(p.relative_to(cache / 'digits' / split).as_posix()
+                           for p in (cache / 'digits' / split).rglob('*.png')) for split in ('train', 'val')}
+    assert len(files['train']) + len(files['val']) == 1797 and len({f[2:] for f in files['train'] + files['val']}) == 1797
+    assert len(files['val']) == sum(n // 5 for n in (178, 182, 177, 183, 181, 182, 181, 179, 174, 180))  # 1 in 5
+    stamp = os.path.getmtime(os.path.join(root, 'val'))
+    assert prepare_digits(str(cache / 'digits')) == root and os.path.getmtime(os.path.join(root, 'val')) == stamp
+
+    result = run_entry('--demo', '--set', f'output_dir={tmp_path / "runs"}', '--set', 'policy.learn.train_epoch=3',
+                       env={'XDG_CACHE_HOME': str(cache), 'OMP_NUM_THREADS': '2'})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads(next((tmp_path / 'runs').rglob('summary.json')).read_text())
+    assert summary['epochs'] == 3 and summary['eval_samples'] == len(files['val']) and summary['acc1'] >= 85

@@ -149,4 +149,5 @@ def test_flipped_imagenette_labels_rank_near_the_top(imagenette_root, tmp_path):
     precision_at_k = sum(r['path'] in flipped for r in rows[:k]) / k
     print(f'precision@{k} of {len(rows)} images with {k} flipped: {precision_at_k:.3f}')
     assert len(rows) == 360 and k == 18
-    assert precision_at_k >= 0.3, precision_at_k  # the base rate is 0.05
+    # 10 of 18 in the README's run; the base rate is 0.05; >= 8 leaves room for thread-order noise in training
+    assert precision_at_k >= 8 / 18, precision_at_k

@@ -5,7 +5,7 @@ import torch
 from ding.utils import POLICY_REGISTRY
 
 from dizoo_imgcls.config import default_config
-from dizoo_imgcls.policy import ImageClassificationPolicy, lr_schedule_curve, scaled_lr
+from dizoo_imgcls.policy import ImageClassificationPolicy, lr_schedule_curve, resolve_amp_dtype, scaled_lr
 
 
 def make_policy(**learn):
@@ -44,9 +44,16 @@ def test_one_step_lowers_loss_on_a_fixed_batch():
 def test_bf16_autocast_step_runs_and_learns():
     torch.manual_seed(0)
     policy = make_policy(amp='bf16')
+    assert policy._amp_dtype is torch.bfloat16
+    seen = []
+    policy._model.backbone.fc.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
     batch = fixed_batch()
     losses = [policy.learn_mode.forward(batch)['loss'] for _ in range(3)]
     assert losses[-1] < losses[0]
+    assert seen == [torch.bfloat16] * 3  # the layers really ran in bf16, the loss in fp32 (it still learns)
+    with pytest.raises(ValueError, match="'fp16' needs a GPU"):
+        resolve_amp_dtype('fp16', 'cpu')
+    assert resolve_amp_dtype('none', 'cpu') is None and resolve_amp_dtype('bf16', 'cpu') is torch.bfloat16
 
 
 def test_lr_is_scaled_by_global_batch_and_no_decay_on_bn_and_bias():
@@ -163,3 +170,23 @@ def test_batch_size_counts_images_when_mixup_makes_the_targets_soft():
     policy = make_policy(mix=dict(mixup_alpha=0.4, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5, stop_epoch=None))
     out = policy.learn_mode.forward(fixed_batch())
     assert out['batch_size'] == 8  # not 8 x 4 classes: the logged img/s and images seen depend on it
+
+
+def test_fine_tuning_freezes_the_backbone_then_trains_it_at_a_lower_lr():
+    torch.manual_seed(0)
+    policy = make_policy(backbone_lr_factor=0.3, freeze_backbone_epochs=1, lr_schedule='step', lr_step_epochs=[])
+    assert sorted(round(g['lr'], 6) for g in policy._optimizer.param_groups) == [0.03, 0.03, 0.1, 0.1]
+    head = {id(p) for g in policy._optimizer.param_groups if g['lr'] == pytest.approx(0.1) for p in g['params']}
+    assert head == {id(policy._model.backbone.fc.weight), id(policy._model.backbone.fc.bias)}
+
+    def snapshot():
+        return {name: p.detach().clone() for name, p in policy._model.named_parameters()}
+
+    before = snapshot()
+    policy.learn_mode.forward(fixed_batch())  # epoch 1 of training (index 0): the backbone is frozen
+    after = snapshot()
+    moved = {name for name in before if not torch.equal(before[name], after[name])}
+    assert moved == {'backbone.fc.weight', 'backbone.fc.bias'}
+    policy._epoch = 1  # from epoch 2 on, everything trains
+    policy.learn_mode.forward(fixed_batch())
+    assert not torch.equal(snapshot()['backbone.layer1.0.conv1.weight'], after['backbone.layer1.0.conv1.weight'])

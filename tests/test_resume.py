@@ -10,7 +10,7 @@ import time
 import pytest
 
 from conftest import REPO
-from dizoo_imgcls.checkpoint import load_checkpoint, step_checkpoints
+from dizoo_imgcls.checkpoint import CheckpointError, load_checkpoint, step_checkpoints
 from dizoo_imgcls.config import build_config, load_config_file
 from dizoo_imgcls.train import train
 
@@ -67,11 +67,14 @@ def test_resume_with_another_schedule_or_model_is_refused_and_changes_nothing(ti
     run = train(small_cfg(tiny_image_folder, tmp_path, 1, 'sched'))
     config_file = os.path.join(run['exp_dir'], 'total_config.py')
     written = open(config_file).read()
-    with pytest.raises(Exception, match='different settings.*train_epoch: 1 -> 2'):
+    with pytest.raises(CheckpointError, match='different settings.*train_epoch: 1 -> 2'):
         train(small_cfg(tiny_image_folder, tmp_path, 2, 'sched', 'resume="auto"'))
-    with pytest.raises(Exception, match="different settings.*policy.model.name: 'resnet18' -> 'resnet34'"):
+    with pytest.raises(CheckpointError, match="different settings.*policy.model.name: 'resnet18' -> 'resnet34'"):
         train(small_cfg(tiny_image_folder, tmp_path, 1, 'sched', 'resume="auto"', 'policy.model.name="resnet34"'))
-    with pytest.raises(Exception, match="does not fit policy.model.name='resnet18'.*size mismatch"):
+    with pytest.raises(CheckpointError, match="optimizer: 'sgd' -> 'adamw'; seed: 0 -> 7"):  # every change named
+        train(small_cfg(tiny_image_folder, tmp_path, 1, 'sched', 'resume="auto"', 'policy.learn.optimizer="adamw"',
+                        'seed=7'))
+    with pytest.raises(CheckpointError, match="does not fit policy.model.name='resnet18'.*size mismatch"):
         train(small_cfg(tiny_image_folder, tmp_path, 1, 'sched', 'resume="auto"', 'policy.model.num_classes=50'))
     assert open(config_file).read() == written  # the refused runs did not overwrite the run's config
     assert os.path.exists(os.path.join(run['exp_dir'], 'summary.json'))
