@@ -75,8 +75,8 @@ def experiment_dir(cfg: EasyDict) -> str:
         path = os.path.dirname(os.path.dirname(os.path.abspath(cfg.resume)))  # EXP/ckpt/file.pth.tar
     else:  # a new run, or one resumed from a checkpoint file kept outside any experiment folder
         path = os.path.abspath(os.path.join(cfg.output_dir, cfg.exp_name))
-        if os.path.exists(path) and os.listdir(path):
-            path = f"{path}_{datetime.now().strftime('%y%m%d_%H%M%S')}"
+        if os.path.exists(path) and os.listdir(path) and int(os.environ.get('RANK', '0')) == 0:
+            path = _claim_new_folder(f"{path}_{datetime.now().strftime('%y%m%d_%H%M%S')}")
     if dist.is_initialized():
         holder = [path]
         dist.broadcast_object_list(holder, src=0)
@@ -86,6 +86,19 @@ def experiment_dir(cfg: EasyDict) -> str:
         with open(restart_marker, 'w') as f:
             f.write(path)
     return path
+
+
+def _claim_new_folder(base: str) -> str:
+    """Create ``base`` (or ``base_2``, ``base_3``, ... when a run started in the same second has it) and return
+    it: the creation is the claim, so two runs never share a folder."""
+    candidate, n = base, 1
+    while True:
+        try:
+            os.makedirs(candidate)
+            return candidate
+        except FileExistsError:
+            n += 1
+            candidate = f'{base}_{n}'
 
 
 def _elastic_restart_marker(cfg: EasyDict):

@@ -136,8 +136,10 @@ def test_experiment_folder_of_torchrun_jobs_and_of_checkpoints_kept_elsewhere(tm
     (tmp_path / 'runs' / 'T' / 'summary.json').write_text('{}')
     second = experiment_dir(cfg)  # a new job, not a restart: it must not write into the first job's folder
     assert second != first and os.path.basename(second).startswith('T_')
-    monkeypatch.setenv('TORCHELASTIC_RESTART_COUNT', '1')  # torchrun restarted the second job
-    assert experiment_dir(cfg) == second
+    third = experiment_dir(cfg)  # started within the same second as the second: a folder of its own
+    assert len({first, second, third}) == 3 and os.path.isdir(third)
+    monkeypatch.setenv('TORCHELASTIC_RESTART_COUNT', '1')  # torchrun restarted the latest job
+    assert experiment_dir(cfg) == third
 
     monkeypatch.delenv('TORCHELASTIC_RUN_ID')
     kept = tmp_path / 'elsewhere' / 'sub'
