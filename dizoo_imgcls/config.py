@@ -75,6 +75,21 @@ def load_config_file(path: str) -> Dict:
     return copy.deepcopy(dict(module.main_config))
 
 
+MISSING = object()
+
+
+def get_dotted(tree: Dict, dotted: str, default: Any = MISSING) -> Any:
+    """``tree['a']['b']`` for ``'a.b'``; ``default`` where a key is missing (``KeyError`` if none is given)."""
+    node = tree
+    for key in dotted.split('.'):
+        if not isinstance(node, dict) or key not in node:
+            if default is MISSING:
+                raise KeyError(dotted)
+            return default
+        node = node[key]
+    return node
+
+
 def flat_keys(tree: Dict, prefix: str = '') -> List[str]:
     keys = []
     for k, v in tree.items():

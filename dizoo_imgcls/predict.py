@@ -16,8 +16,10 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
 from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint, one_line
+from .config import get_dotted
 from .data.decode import UnreadableImageError, read_image_file, resolve_decoder
 from .data.folder import list_image_files
+from .data.loader import collate_images
 from .data.transforms import EvalPreset, eval_image_size
 from .model import InputNormalize, build_model_from_cfg
 
@@ -31,12 +33,10 @@ class Prediction:
 
 
 def _require(tree: Dict[str, Any], dotted: str, path: str) -> Any:
-    node = tree
-    for key in dotted.split('.'):
-        if not isinstance(node, dict) or key not in node:
-            raise CheckpointError(f"{path} has no '{dotted}' (expected a {CHECKPOINT_FORMAT} checkpoint)")
-        node = node[key]
-    return node
+    try:
+        return get_dotted(tree, dotted)
+    except KeyError:
+        raise CheckpointError(f"{path} has no '{dotted}' (expected a {CHECKPOINT_FORMAT} checkpoint)") from None
 
 
 def checkpoint_class_names(state: Dict[str, Any], path: str) -> List[str]:
@@ -151,8 +151,7 @@ class _ImageFiles(Dataset):
 def _collate(items):
     good = [(i, img) for i, img, _ in items if img is not None]
     bad = [(i, reason) for i, img, reason in items if img is None]
-    # NHWC memory, as the presets make it (see data.loader.collate_images)
-    images = torch.stack([img.permute(1, 2, 0) for _, img in good]).permute(0, 3, 1, 2) if good else None
+    images = collate_images([(img, i) for i, img in good])[0] if good else None  # NHWC memory, as in training
     return [i for i, _ in good], images, bad
 
 

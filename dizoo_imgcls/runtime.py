@@ -64,6 +64,7 @@ def experiment_dir(cfg: EasyDict) -> str:
     """Where this run writes: the resumed run's folder (``EXP`` of ``--resume EXP/ckpt/FILE``), else
     ``output_dir/exp_name`` (plus a timestamp if that folder is already used). The same path on every rank."""
     restart_marker = _elastic_restart_marker(cfg)
+    first_rank = int(os.environ.get('RANK', '0')) == 0  # only it creates folders; the others get its path
     # Only a restarted attempt reads the marker: a new job with the same torchrun run id (its default is 'none')
     # must not write into the folder of an earlier, finished one.
     if restart_marker and elastic_restart_count() > 0 and os.path.isfile(restart_marker):
@@ -75,14 +76,14 @@ def experiment_dir(cfg: EasyDict) -> str:
         path = os.path.dirname(os.path.dirname(os.path.abspath(cfg.resume)))  # EXP/ckpt/file.pth.tar
     else:  # a new run, or one resumed from a checkpoint file kept outside any experiment folder
         path = os.path.abspath(os.path.join(cfg.output_dir, cfg.exp_name))
-        if os.path.exists(path) and os.listdir(path) and int(os.environ.get('RANK', '0')) == 0:
+        if os.path.exists(path) and os.listdir(path) and first_rank:
             path = _claim_new_folder(f"{path}_{datetime.now().strftime('%y%m%d_%H%M%S')}")
     if dist.is_initialized():
         holder = [path]
         dist.broadcast_object_list(holder, src=0)
         path = holder[0]
     os.makedirs(path, exist_ok=True)
-    if restart_marker and elastic_restart_count() == 0 and int(os.environ.get('RANK', '0')) == 0:
+    if restart_marker and elastic_restart_count() == 0 and first_rank:
         with open(restart_marker, 'w') as f:
             f.write(path)
     return path

@@ -17,7 +17,7 @@ from tensorboardX import SummaryWriter
 from .checkpoint import (CHECKPOINT_FORMAT, CheckpointError, atomic_torch_save, latest_checkpoint, one_line,
                          load_checkpoint, prune_checkpoints, rng_state, set_rng_state, step_checkpoint_name,
                          to_plain)
-from .config import save_config_file
+from .config import MISSING, get_dotted, save_config_file
 from .data import EvalEvent, build_loaders, shutdown_workers
 from .hooks import CheckpointHook, TrainLoggerHook
 from .metric import DiagnosticMetric
@@ -77,22 +77,13 @@ def prepare_config(cfg: EasyDict, data) -> None:
 _RESUME_FIXED_KEYS = tuple(f'policy.learn.{k}' for k in (
     'train_epoch', 'iters_per_epoch', 'batch_size', 'lr_schedule', 'lr_per_256', 'warmup_epochs', 'lr_step_epochs',
     'lr_step_gamma', 'final_lr_factor', 'optimizer')) + ('policy.model.name', 'seed')
-_MISSING = object()
-
-
-def _lookup(config: Dict[str, Any], dotted: str):
-    for part in dotted.split('.'):
-        if not isinstance(config, dict) or part not in config:
-            return _MISSING
-        config = config[part]
-    return config
 
 
 def check_same_schedule(stored: Dict[str, Any], cfg: EasyDict, path: str) -> None:
     changed = []
     for key in _RESUME_FIXED_KEYS:
-        before, now = _lookup(stored, key), _lookup(cfg, key)
-        if before is not _MISSING and before != now:  # keys an older checkpoint lacks are not compared
+        before, now = get_dotted(stored, key, MISSING), get_dotted(cfg, key, MISSING)
+        if before is not MISSING and before != now:  # keys an older checkpoint lacks are not compared
             changed.append(f'{key}: {before!r} -> {now!r}')
     if changed:
         raise CheckpointError(f'cannot resume {path} with different settings ({"; ".join(changed)}); '

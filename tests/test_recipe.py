@@ -245,7 +245,7 @@ def test_auto_augment_is_reproduced_per_sample_seed():
 
 def test_a_variant_metric_key_needs_its_variant_and_bad_settings_fail_before_training():
     from dizoo_imgcls.config import default_config
-    from dizoo_imgcls.train import check_run_settings as check_metric_key
+    from dizoo_imgcls.train import check_run_settings
 
     cfg = default_config()
     for key, value, message in (('exp_name', 123, 'exp_name must be a non-empty string'),
@@ -258,17 +258,17 @@ def test_a_variant_metric_key_needs_its_variant_and_bad_settings_fail_before_tra
             node = node[part]
         node[last] = value
         with pytest.raises(ValueError, match=message):
-            check_metric_key(bad)
+            check_run_settings(bad)
     cfg.policy.eval.metric_key = 'acc1_ema'
     with pytest.raises(ValueError, match='ema.enabled=True'):
-        check_metric_key(cfg)
+        check_run_settings(cfg)
     cfg.policy.learn.ema.enabled = True
-    check_metric_key(cfg)
+    check_run_settings(cfg)
     cfg.policy.eval.metric_key = 'acc1_ema_tta'
     with pytest.raises(ValueError, match='tta.flip=True'):
-        check_metric_key(cfg)
+        check_run_settings(cfg)
     cfg.policy.eval.tta.flip = True
-    check_metric_key(cfg)
+    check_run_settings(cfg)
 
 
 def test_short_run_with_every_technique_enabled(tiny_image_folder, tmp_path):
