@@ -269,6 +269,7 @@ class TrainingRun:
         logger.info(f'{len(d.train_loader.dataset)} train / {len(d.val_loader.dataset)} val images, '
                     f'{d.num_classes} classes, {len(d.train_loader)} iterations per epoch, '
                     f'world size {self.world_size}')
+        logger.info(f'training on {self.policy.describe_compute()}')
 
     def _finish(self, metrics: Dict[str, Any]) -> Dict[str, Any]:
         summary = {

@@ -53,6 +53,7 @@ def test_two_process_run_exact_eval_and_exactly_one_writer(tiny_image_folder, tm
                  env=dict(os.environ, TMPDIR=str(private_tmp)))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert not [n for n in os.listdir(private_tmp) if n.startswith('dizoo_imgcls_rank')]  # removed at the end
+    assert 'DDP over 2 processes (gloo)' in result.stdout
     exp = tmp_path / 'ddp'
     summary = json.loads((exp / 'summary.json').read_text())
     assert summary['world_size'] == 2 and summary['eval_samples'] == 15  # 15 val images: not divisible by 2

@@ -1,6 +1,7 @@
 """The command line as a user runs it: real processes, real files."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -66,6 +67,11 @@ def test_short_run_on_generated_folder_writes_experiment(tiny_image_folder, tmp_
     assert (exp / 'total_config.py').exists() and (exp / 'ckpt' / 'ckpt_best.pth.tar').exists()
     assert f'tensorboard --logdir {exp / "tb"}' in result.stdout
     assert 'img/s' in result.stdout and 'eta' in result.stdout
+    # what the step runs on, with the precision amp='auto' resolved to on this CPU
+    from dizoo_imgcls.policy.image_classification import resolve_amp_dtype
+    amp = resolve_amp_dtype('auto', 'cpu')
+    precision = f'{str(amp).replace("torch.", "")} autocast' if amp else 'fp32'
+    assert re.search(rf'training on cpu \(\d+ threads\), {precision}, channels_last\n', result.stdout), result.stdout
 
 
 def test_the_demo_writes_the_digits_once_and_learns_them(tmp_path):

@@ -223,6 +223,29 @@ class ImageClassificationPolicy(Policy):
         self._iteration = 0
         self._backbone_frozen = False
 
+    def describe_compute(self) -> str:
+        """What the training step runs on, for the run's first log lines: e.g. 'cuda:0 (NVIDIA H100 80GB HBM3),
+        bf16 autocast, channels_last, DDP over 8 processes (nccl), SyncBatchNorm'."""
+        device = str(self._device)
+        if self._cuda:
+            device += f' ({torch.cuda.get_device_name()})'
+        else:
+            device += f' ({torch.get_num_threads()} threads)'
+        cfg = self._cfg.learn
+        parts = [device, f'{str(self._amp_dtype).replace("torch.", "")} autocast' if self._amp_dtype else 'fp32']
+        if self._scaler is not None:
+            parts[-1] += ' + gradient scaler'
+        if cfg.channels_last:
+            parts.append('channels_last')
+        if self._world_size > 1:
+            parts.append(f'DDP over {self._world_size} processes ({dist.get_backend()})' if cfg.multi_gpu
+                         else f'{self._world_size} processes without DDP')
+        if cfg.sync_bn and self._world_size > 1:
+            parts.append('SyncBatchNorm')
+        if cfg.compile:
+            parts.append('torch.compile')
+        return ', '.join(parts)
+
     def _set_train_mode(self) -> None:
         self._learn_model.train()
         if self._cfg.learn.bn_eval:
