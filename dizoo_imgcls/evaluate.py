@@ -1,17 +1,19 @@
 """Evaluate a checkpoint on a data folder: top-1/top-5/loss, per-class accuracy and a confusion matrix."""
 import csv
 import logging
+import math
 import os
 from typing import Dict, Iterable, List
 
 import torch
 from easydict import EasyDict
 
-from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint
 from .config import ConfigError, apply_override, build_config
-from .data import build_loaders
+from .data import build_eval_data, shutdown_workers
 from .metric import DiagnosticMetric
 from .policy import ImageClassificationPolicy
+from .predict import require_key, rebuild_checkpoint_model
 from .runtime import init_distributed, setup_logging
 
 logger = logging.getLogger('dizoo_imgcls')
@@ -24,8 +26,6 @@ EVAL_OVERRIDABLE = ('data.', 'policy.eval.', 'policy.cuda=')
 def config_from_checkpoint(state: Dict, path: str, data_root: str, overrides: Iterable[str] = ()) -> EasyDict:
     """The checkpoint's data and eval settings on ``data_root``, then the ``--set`` overrides of ``data.*`` and
     ``policy.eval.*`` (e.g. a test resolution above the training one: ``data.eval_image_size=160``)."""
-    if state.get('format') != CHECKPOINT_FORMAT:
-        raise CheckpointError(f'{path} is not a dizoo_imgcls checkpoint (format {state.get("format")!r})')
     stored = state['config']
     # The weights come from the checkpoint: the file a fine-tuned run started from is not needed (nor read).
     model = dict(stored['policy']['model'], pretrained=None)
@@ -70,22 +70,39 @@ def write_reports(out_dir: str, names: List[str], confusion: torch.Tensor) -> No
             writer.writerow([name] + [int(v) for v in confusion[i]])
 
 
+def report_dir(checkpoint: str) -> str:
+    """``EXP/eval`` for a checkpoint in an experiment's ``EXP/ckpt/``, else an ``eval`` folder beside the file."""
+    folder = os.path.dirname(os.path.abspath(checkpoint))
+    if os.path.basename(folder) == 'ckpt':
+        folder = os.path.dirname(folder)
+    return os.path.join(folder, 'eval')
+
+
 def evaluate_checkpoint(path: str, data_root: str, overrides: Iterable[str] = ()) -> Dict:
-    """Evaluate ``path`` on ``data_root/val``; reports go to the checkpoint's experiment folder under eval/.
+    """Evaluate ``path`` on ``data_root/val`` (no ``train/`` needed: the checkpoint holds the class index);
+    reports go to ``report_dir(path)``.
     ``overrides`` are ``--set`` assignments of ``data.*`` / ``policy.eval.*`` keys."""
     state = load_checkpoint(path)
+    rebuild_checkpoint_model(path, state=state)  # every part of the file checked, each problem one clear line
+    for key in ('data.type', 'policy.eval.batch_size', 'policy.learn.amp', 'policy.learn.channels_last'):
+        require_key(state['config'], key, path)
     cfg = config_from_checkpoint(state, path, data_root, overrides)
     rank, world_size = init_distributed(cfg.policy.cuda)
-    data = build_loaders(cfg.data, cfg.policy.eval.batch_size, cfg.policy.eval.batch_size, rank, world_size)
-    if list(data.class_names) != list(state['class_names']):
-        raise CheckpointError(f'{path} was trained on {len(state["class_names"])} classes '
-                              f'{state["class_names"][:3]}..., but {data_root} has {data.class_names[:3]}...')
+    try:
+        data = build_eval_data(cfg.data, require_key(state, 'class_names', path), cfg.policy.eval.batch_size, rank,
+                               world_size)
+    except ValueError as e:  # the classes differ
+        raise CheckpointError(f'{path}: {e}') from None
     cfg.policy.learn.iters_per_epoch = 1
     policy = ImageClassificationPolicy(cfg.policy, enable_field=['eval'])
     policy.eval_mode.load_state_dict({'model': state['policy']['model']})
     metric = DiagnosticMetric('acc1', data.num_classes, data.val_sampler)
     metrics, confusion = evaluate_pass(policy.eval_mode, data.val_loader, metric)
-    out_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))), 'eval')
+    shutdown_workers(data.val_loader)
+    if not math.isfinite(metrics['loss']):
+        logger.warning(f'{path}: the loss is {metrics["loss"]}: the weights give non-finite outputs (a diverged '
+                       'run?), so the accuracies mean little')
+    out_dir = report_dir(path)
     if rank == 0:
         setup_logging(None, rank)
         names = state.get('display_names') or state['class_names']

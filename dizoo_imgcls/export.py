@@ -136,9 +136,15 @@ def export_model(model: nn.Module, config: Dict[str, Any], class_names: List[str
         raise ValueError(f"input dtype must be one of {', '.join(INPUT_DTYPES)}, got {input_dtype!r}")
     if fmt == 'onnx':
         require_onnx_tools()
+    if os.path.isdir(path):
+        raise ValueError(f'--output {path} is a folder; give the file to write, e.g. {os.path.join(path, "model")}'
+                         f'{".onnx" if fmt == "onnx" else ".pt"}')
     model = model.float().eval().cpu()
     size, dtype = eval_image_size(config['data']), INPUT_DTYPES[input_dtype]
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    except OSError as e:  # a parent that is a file, no permission
+        raise ValueError(f'cannot create the folder of --output {path}: {e.strerror or e}') from None
     exporter = export_torchscript if fmt == 'torchscript' else export_onnx
     tmp = f'{path}.tmp{os.getpid()}'
     try:

@@ -110,8 +110,9 @@ class TrainLoggerHook(LearnerHook):
         self.train_seconds = 0.0
         self.data_wait_seconds = 0.0
 
-    def mark_epoch_start(self) -> None:
-        """Call before the first batch of an epoch, so eval time is not counted as data time."""
+    def restart_clock(self) -> None:
+        """Call before the first batch of an epoch and after a pause between batches (a checkpoint written), so
+        the time of an evaluation or a save is not counted as time spent waiting for data."""
         self._last_end = time.perf_counter()
 
     def __call__(self, engine) -> None:

@@ -121,14 +121,25 @@ def cross_validated_probabilities(cfg: EasyDict, files: LabelledFiles, folds: in
                                   out_dir: str) -> Tuple[np.ndarray, np.ndarray]:
     """Out-of-sample probabilities of every file by K-fold cross-training through ``train(cfg)``; the fold
     runs are kept under ``out_dir/folds`` (their data folder, a temporary tree of symlinks, is removed)."""
-    from .train import train  # the training stack is only needed here
+    from .train import check_run_settings, train  # the training stack is only needed here
 
+    check_run_settings(cfg)  # a bad setting fails now, not after the first fold has trained
+    classes = len(files.class_names)
+    if cfg.policy.model.num_classes not in (None, classes):
+        raise ValueError(f'policy.model.num_classes={cfg.policy.model.num_classes}, but label issues need one output '
+                         f'per class of the folder ({classes}); leave it unset')
+    if folds > len(files.paths):
+        raise ValueError(f'--folds {folds} is more than the {len(files.paths)} images of {files.root}: some folds '
+                         'would predict nothing')
     fold_of = stratified_folds(files.labels, folds, cfg.seed)
     probs = np.zeros((len(files.paths), len(files.class_names)), dtype=np.float64)
     readable = np.zeros(len(files.paths), dtype=bool)
     with tempfile.TemporaryDirectory(prefix='dizoo_imgcls_folds_') as tmp:
         for fold in range(folds):
             held_out = np.flatnonzero(fold_of == fold)
+            if held_out.size == 0:  # tiny classes dealt out from random offsets can leave a fold empty
+                logger.info(f'label issues: fold {fold + 1}/{folds} holds no image, nothing to train for it')
+                continue
             logger.info(f'label issues: fold {fold + 1}/{folds}: training on {len(files.paths) - len(held_out)} '
                         f'images, predicting {len(held_out)}')
             root = write_fold_tree(files, fold_of, fold, os.path.join(tmp, f'fold_{fold}'))
@@ -180,6 +191,8 @@ def label_issues(cfg: EasyDict, out_dir: str, split: str = 'train', folds: int =
     if not readable.all():
         logger.warning(f'{int((~readable).sum())} unreadable image(s) of {split_dir} left out of the ranking')
     kept = np.flatnonzero(readable)
+    if kept.size == 0:
+        raise DataLayoutError(f'no readable image in {split_dir}: nothing to rank')
     order, scores, flagged = rank_label_issues(files.labels[kept], probs[kept])
     suggested = probs[kept].argmax(axis=1)
     issues = [LabelIssue(files.absolute(kept[i]), names[files.labels[kept[i]]], names[suggested[i]],

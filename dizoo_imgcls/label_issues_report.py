@@ -82,9 +82,14 @@ def write_html(path: str, issues: Sequence[LabelIssue], top_n: int, source: str)
 
 
 def write_tensorboard(log_dir: str, issues: Sequence[LabelIssue], top_n: int) -> None:
-    """One captioned grid ("given -> suggested (score)") of the first ``min(top_n, TB_GRID_IMAGES)`` images."""
+    """One captioned grid ("given -> suggested (score)") of the first ``min(top_n, TB_GRID_IMAGES)`` images; the
+    event files of an earlier report in ``log_dir`` are removed first."""
     from tensorboardX import SummaryWriter
 
+    if os.path.isdir(log_dir):  # a re-run into the same folder replaces the grid instead of adding a second one
+        for name in os.listdir(log_dir):
+            if name.startswith('events.out.tfevents'):
+                os.remove(os.path.join(log_dir, name))
     images, captions = [], []
     for issue in issues[:min(top_n, TB_GRID_IMAGES)]:
         thumbnail = square_thumbnail(issue.path)

@@ -166,6 +166,12 @@ def find_lr(cfg: EasyDict, start: float = DEFAULT_START_LR, end: float = DEFAULT
     policy_cfg = copy.deepcopy(cfg.policy)
     # The finder sets the LR itself; a schedule that ends (one-cycle) must only not be stepped past its end.
     policy_cfg.learn.train_epoch = max(policy_cfg.learn.train_epoch, steps // policy_cfg.learn.iters_per_epoch + 2)
+    if policy_cfg.learn.freeze_backbone_epochs:
+        # The sweep never leaves the policy's first epoch: with the backbone frozen it would measure the head
+        # alone, and the suggestion is for training the whole network.
+        logger.info(f'lr_find: sweeping with the whole network trained (policy.learn.freeze_backbone_epochs='
+                    f'{policy_cfg.learn.freeze_backbone_epochs} applies to training only)')
+        policy_cfg.learn.freeze_backbone_epochs = 0
     policy = ImageClassificationPolicy(policy_cfg, enable_field=['learn', 'eval'])
     batch_size = cfg.policy.learn.batch_size  # the global batch: one process
     logger.info(f'lr_find: {steps} steps from lr {start:.3g} to {end:.3g} at batch {batch_size} on '

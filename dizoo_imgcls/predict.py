@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint, one_line
 from .config import get_dotted
 from .data.decode import UnreadableImageError, read_image_file, resolve_decoder
-from .data.folder import list_image_files
+from .data.folder import DataLayoutError, list_image_files
 from .data.loader import collate_images
 from .data.transforms import EvalPreset, eval_image_size
 from .model import InputNormalize, build_model_from_cfg
@@ -32,7 +32,7 @@ class Prediction:
     error: Optional[str] = None  # why the file was skipped; ``top`` is empty then
 
 
-def _require(tree: Dict[str, Any], dotted: str, path: str) -> Any:
+def require_key(tree: Dict[str, Any], dotted: str, path: str) -> Any:
     try:
         return get_dotted(tree, dotted)
     except KeyError:
@@ -42,7 +42,7 @@ def _require(tree: Dict[str, Any], dotted: str, path: str) -> Any:
 def checkpoint_class_names(state: Dict[str, Any], path: str) -> List[str]:
     """Human-readable names in class-index order: ``display_names`` when stored, else the folder names."""
     names = state.get('display_names')
-    names = _require(state, 'class_names', path) if names is None else names
+    names = require_key(state, 'class_names', path) if names is None else names
     if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
         raise CheckpointError(f'{path}: class names must be a list of strings, got {type(names).__name__}')
     return list(names)
@@ -57,7 +57,7 @@ def stored_weights(state: Dict[str, Any], path: str, weights: str = 'model') -> 
     if weights not in WEIGHTS:
         raise CheckpointError(f'weights must be one of {WEIGHTS}, got {weights!r}')
     if weights == 'model':
-        return _require(state, 'policy.model', path)
+        return require_key(state, 'policy.model', path)
     ema = state.get('policy', {}).get('ema') if isinstance(state.get('policy'), dict) else None
     if ema is None:
         raise CheckpointError(f'{path} holds no EMA weights (the run did not set policy.learn.ema.enabled=True); '
@@ -67,20 +67,31 @@ def stored_weights(state: Dict[str, Any], path: str, weights: str = 'model') -> 
 
 
 def load_model_from_checkpoint(path: str, weights: str = 'model') -> Tuple[nn.Module, Dict[str, Any], List[str]]:
-    """``(model in eval mode on CPU, compiled config, class names)`` from one of our checkpoints; ``weights``
-    'ema' takes the weight average instead of the trained weights.
+    """``(model in eval mode on CPU, compiled config, class names)`` from one of our checkpoints of an image
+    classifier; ``weights`` 'ema' takes the weight average instead of the trained weights.
 
     Every problem (missing file, pickled code, another format, weights that do not fit the stored model
     config) raises ``CheckpointError`` with a one-line message that names ``path``."""
-    state = load_checkpoint(path)
+    model, config, class_names = rebuild_checkpoint_model(path, weights)
+    if not any(isinstance(m, InputNormalize) for m in model.modules()):
+        raise CheckpointError(f"{path}: model {config['policy']['model'].get('name')!r} does not take images (it "
+                              f'has no InputNormalize input layer); only image classifiers can predict or export')
+    return model.eval(), config, class_names
+
+
+def rebuild_checkpoint_model(path: str, weights: str = 'model',
+                             state: Optional[Dict[str, Any]] = None) -> Tuple[nn.Module, Dict[str, Any], List[str]]:
+    """``(model on CPU, compiled config, class names)`` of any of our checkpoints, every part checked (see
+    ``load_model_from_checkpoint``); ``state``: the file's content when already loaded."""
+    state = load_checkpoint(path) if state is None else state
     if not isinstance(state, dict) or state.get('format') != CHECKPOINT_FORMAT:
         found = state.get('format') if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f'{path} is not a dizoo_imgcls checkpoint (format {found!r}, '
                               f'expected {CHECKPOINT_FORMAT!r})')
-    config = _require(state, 'config', path)
-    model_cfg = _require(config, 'policy.model', path)
+    config = require_key(state, 'config', path)
+    model_cfg = require_key(config, 'policy.model', path)
     for key in ('data.image_size', 'data.eval_crop_ratio', 'data.jpeg_draft', 'data.decoder'):  # EvalReader
-        _require(config, key, path)
+        require_key(config, key, path)
     state_dict = stored_weights(state, path, weights)
     class_names = checkpoint_class_names(state, path)
     if model_cfg.get('num_classes') != len(class_names):
@@ -92,10 +103,7 @@ def load_model_from_checkpoint(path: str, weights: str = 'model') -> Tuple[nn.Mo
     except (KeyError, ValueError, RuntimeError) as e:  # unknown model name, bad kwargs, mismatched weights
         raise CheckpointError(f"{path}: cannot rebuild model {model_cfg.get('name')!r} from the stored config "
                               f'and weights: {one_line(e)}') from None
-    if not any(isinstance(m, InputNormalize) for m in model.modules()):
-        raise CheckpointError(f"{path}: model {model_cfg.get('name')!r} does not take images (it has no "
-                              f'InputNormalize input layer); only image classifiers can predict or export')
-    return model.eval(), config, class_names
+    return model, config, class_names
 
 
 class EvalReader:
@@ -123,7 +131,11 @@ def find_images(inputs: Sequence[str]) -> Tuple[List[str], List[Tuple[str, str]]
         if os.path.isfile(path):
             found.append(path)
         elif os.path.isdir(path):
-            in_dir = [os.path.join(path, name) for name in list_image_files(path)]
+            try:
+                in_dir = [os.path.join(path, name) for name in list_image_files(path)]
+            except (DataLayoutError, OSError) as e:  # a symlink loop, a folder that cannot be listed
+                problems.append((path, str(e)))
+                continue
             found.extend(in_dir)
             if not in_dir:
                 problems.append((path, 'folder holds no image files (searched recursively)'))
@@ -163,6 +175,9 @@ def top_probabilities(model: nn.Module, images: torch.Tensor, topk: int) -> Tupl
     return probs.topk(min(topk, probs.shape[1]), dim=1)
 
 
+NON_FINITE = "the model's outputs are not finite numbers (weights of a diverged run?)"
+
+
 def predict_files(model: nn.Module, reader: EvalReader, class_names: Sequence[str], paths: Sequence[str],
                   topk: int = 5, batch_size: int = 32, num_workers: int = 0) -> Iterator[Prediction]:
     """One ``Prediction`` per path, in input order (with ``error`` set for a file that cannot be read),
@@ -173,7 +188,11 @@ def predict_files(model: nn.Module, reader: EvalReader, class_names: Sequence[st
         results = {i: Prediction(paths[i], [], reason) for i, reason in bad}
         if images is not None:
             probs, classes = top_probabilities(model, images, topk)
+            finite = torch.isfinite(probs).all(dim=1).tolist()
             for row, i in enumerate(indices):
+                if not finite[row]:  # NaN weights (a diverged run) would print NaN, which is not JSON
+                    results[i] = Prediction(paths[i], [], NON_FINITE)
+                    continue
                 top = [(c, class_names[c], p) for c, p in zip(classes[row].tolist(), probs[row].tolist())]
                 results[i] = Prediction(paths[i], top)
         for i in sorted(results):
@@ -193,7 +212,7 @@ def _table_lines(prediction: Prediction) -> List[str]:
 def _json_record(prediction: Prediction) -> str:
     top = [{'rank': rank, 'class_index': index, 'class_name': name, 'probability': prob}
            for rank, (index, name, prob) in enumerate(prediction.top, 1)]
-    return json.dumps({'path': prediction.path, 'predictions': top})
+    return json.dumps({'path': prediction.path, 'predictions': top}, allow_nan=False)
 
 
 def write_predictions(predictions: Iterable[Prediction], fmt: str, out: TextIO, err: TextIO) -> Tuple[int, int]:

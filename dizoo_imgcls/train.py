@@ -226,7 +226,7 @@ class TrainingRun:
         data, every = self.data, self.cfg.checkpoint.every_n_iters
         data.train_sampler.set_epoch(epoch)
         data.train_loader.batch_sampler.skip_batches = self.batch
-        self.log_hook.mark_epoch_start()
+        self.log_hook.restart_clock()
         learn_model = self.policy.learn_mode.get_attribute('learn_model')
         # DDP's join lets ranks whose shard ends one batch earlier wait without deadlocking the others.
         with learn_model.join() if hasattr(learn_model, 'join') else nullcontext():
@@ -235,6 +235,7 @@ class TrainingRun:
                 self.batch += 1
                 if every and self.learner.train_iter % every == 0 and self.batch < len(data.train_loader):
                     self.save(step_checkpoint_name(self.learner.train_iter))
+                    self.log_hook.restart_clock()
         self.epoch, self.batch = epoch, 0
         self.policy.learn_mode.set_attribute('epoch', epoch)
         log_skipped_files(data.train_loader.dataset, self.tb, epoch)

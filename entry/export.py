@@ -5,8 +5,9 @@
 
 Input contract of the exported model (the same as the PyTorch model's):
   images  NCHW, RGB, pixel values 0..255, dtype uint8 (or float32 with --input-dtype float32),
-          any batch size, H = W = data.image_size of the checkpoint. Prepare them like validation:
-          resize the shorter side to image_size / eval_crop_ratio (bilinear, antialiased), center-crop.
+          any batch size, H = W = S, the checkpoint's data.eval_image_size if its run set one, else its
+          data.image_size. Prepare them like validation: resize the shorter side to S / eval_crop_ratio
+          (bilinear, antialiased), center-crop to S.
           Do NOT normalize: (x / 255 - mean) / std happens inside the model.
   logits  (batch, num_classes) float32 scores; softmax gives probabilities.
 OUTPUT.json records this contract: class names, input size and dtype, resize/crop sizes, mean/std.
@@ -52,7 +53,7 @@ def main(argv=None) -> int:
         print(f'error: {args.format} export needs a package that is not installed ({e}); '
               f'pip install onnx onnxscript onnxruntime', file=sys.stderr)
         return 1
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # OSError: the file cannot be written (disk full, no permission)
         print(f'error: {e}', file=sys.stderr)
         return 1
     diff = meta['verification']['max_abs_diff_vs_pytorch_fp32']

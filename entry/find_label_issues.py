@@ -9,8 +9,8 @@ training path, settings from --config and --set) on the other folds and predicts
 --checkpoint, the checkpoint predicts DIR/<split> directly: use a split it was NOT trained on, as a model
 predicting its own training images mostly repeats the labels it memorized.
 
-Writes OUT_DIR/label_issues.csv (every image, most likely mislabeled first: path, given and suggested label,
-score = predicted probability of the given label, cleanlab's flag), OUT_DIR/label_issues.html (the top N with
+Writes OUT_DIR/label_issues.csv (every readable image, most likely mislabeled first: path, given and suggested
+label, score = predicted probability of the given label, cleanlab's flag), OUT_DIR/label_issues.html (the top N with
 thumbnails) and OUT_DIR/tb (a TensorBoard image grid); fold runs go to OUT_DIR/folds.
 Exit status: 0 on success, 2 for a bad config, data folder or checkpoint.
 """
@@ -46,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help='where reports and fold runs go (default: OUTPUT_DIR/label_issues, OUTPUT_DIR '
                              'being the config\'s output_dir)')
     parser.add_argument('--top', type=_int_at_least(1), default=50,
-                        help='images shown in the HTML page (default: 50; the CSV lists every image)')
+                        help='images shown in the HTML page (default: 50; the CSV lists every readable image)')
     return parser.parse_args(argv)
 
 
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     setup_logging(None)
     try:
         issues = label_issues(cfg, out_dir, args.split, args.folds, args.checkpoint)
-    except (DataLayoutError, CheckpointError) as e:
+    except (DataLayoutError, CheckpointError, ValueError) as e:  # ValueError includes ConfigError
         print(f'error: {e}', file=sys.stderr)
         return 2
     source = os.path.join(args.data_root, args.split)

@@ -4,9 +4,10 @@
     python entry/predict.py --checkpoint CKPT --input photos/ --topk 3 --format csv > predictions.csv
 
 Images are read and transformed exactly as the validation images of the checkpoint's training run (RGB;
-shorter side resized to data.image_size / data.eval_crop_ratio, center crop of data.image_size). Folders are
-searched recursively for image files. A file that cannot be read is reported on stderr and skipped.
-Exit status: 0 when at least one image was predicted, 1 when none could be, 2 for a bad checkpoint.
+shorter side resized to S / data.eval_crop_ratio, center crop of S, where S is data.eval_image_size if the run
+set one, else data.image_size). Folders are searched recursively for image files. A file that cannot be read is
+reported on stderr and skipped.
+Exit status: 0 when at least one image was predicted, 1 when none could be, 2 for a bad checkpoint or option.
 """
 import argparse
 import os
@@ -15,11 +16,13 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f'expected a positive integer, got {text}')
-    return value
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f'expected an integer >= {minimum}, got {text}')
+        return value
+    return parse
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -27,13 +30,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--checkpoint', required=True, help='a dizoo_imgcls checkpoint (.pth.tar)')
     parser.add_argument('--input', required=True, nargs='+', metavar='IMG_OR_DIR',
                         help='image files and/or folders (searched recursively)')
-    parser.add_argument('--topk', type=_positive_int, default=5,
+    parser.add_argument('--topk', type=_int_at_least(1), default=5,
                         help='classes shown per image, most likely first (default: 5; at most the class count)')
     parser.add_argument('--format', choices=('table', 'json', 'csv'), default='table',
                         help='table (default): readable; json: one array, one image per line; '
                              'csv: path,rank,class_index,class_name,probability')
-    parser.add_argument('--batch-size', type=_positive_int, default=32, help='images per forward pass (default: 32)')
-    parser.add_argument('--workers', type=int, default=0,
+    parser.add_argument('--batch-size', type=_int_at_least(1), default=32, help='images per forward pass (default: 32)')
+    parser.add_argument('--workers', type=_int_at_least(0), default=0,
                         help='processes decoding images (default: 0, decode in the main process)')
     parser.add_argument('--weights', choices=('model', 'ema'), default='model',
                         help="the trained weights, or their moving average when the run kept one (default: model)")
@@ -55,7 +58,17 @@ def main(argv=None) -> int:
     except (CheckpointError, ValueError) as e:  # ValueError: the checkpoint's data.decoder is not installed
         print(f'error: {e}', file=sys.stderr)
         return 2
-    device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    try:
+        device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+        torch.empty(0, device=device)  # a device this machine does not have fails here, not mid-prediction
+    except (RuntimeError, AssertionError) as e:  # AssertionError: a torch built without CUDA
+        print(f'error: --device {args.device}: {str(e).splitlines()[0]}', file=sys.stderr)
+        return 2
+    # File names that are not valid UTF-8 (allowed on Linux, read fine by the data reader) are printed escaped
+    # instead of ending the output at the first one.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, 'reconfigure'):
+            stream.reconfigure(errors='backslashreplace')
     paths, problems = find_images(args.input)
     for path, reason in problems:
         print(f'skipped {path}: {reason}', file=sys.stderr)

@@ -85,6 +85,12 @@ def test_reports_csv_html_and_tensorboard(tiny_image_folder, tmp_path):
     events = EventAccumulator(tb_dir, size_guidance={'images': 0})
     events.Reload()
     assert events.Tags()['images'] == [TB_TAG]
+    # a second report into the same folder replaces the grid: one image under the tag, not a stale one beside it
+    write_reports(str(tmp_path), issues[:1], top_n=1, source='DATA/train')
+    assert len([n for n in os.listdir(tb_dir) if n.startswith('events.out.tfevents')]) == 1
+    events = EventAccumulator(tb_dir, size_guidance={'images': 0})
+    events.Reload()
+    assert len(events.Images(TB_TAG)) == 1
 
 
 def test_entry_errors_are_one_line_and_exit_2(tmp_path):
@@ -92,6 +98,31 @@ def test_entry_errors_are_one_line_and_exit_2(tmp_path):
     assert result.returncode == 2 and 'Traceback' not in result.stderr and str(tmp_path / 'nope') in result.stderr
     result = run_label_entry('--data-root', str(tmp_path), '--folds', '1')
     assert result.returncode == 2 and '>= 2' in result.stderr
+
+
+def test_entry_refuses_what_would_fail_late_before_any_fold_trains(tiny_image_folder, tmp_path):
+    out = tmp_path / 'out'
+    settings = (['--set', 'policy.eval.metric_key=acc1_ema'], ['--set', 'policy.model.num_classes=5'],
+                ['--folds', '40'])  # the folder's train split holds 37 images
+    for extra in settings:
+        result = run_label_entry('--data-root', tiny_image_folder, '--out-dir', str(out), *extra, *TINY_RUN)
+        assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr[-2000:]
+        assert not (out / 'folds').exists(), extra
+    assert 'ema.enabled' in run_label_entry('--data-root', tiny_image_folder, '--out-dir', str(out),
+                                            '--set', 'policy.eval.metric_key=acc1_ema').stderr
+
+
+def test_a_split_with_no_readable_image_is_a_clear_error(tiny_image_folder, monkeypatch):
+    from easydict import EasyDict
+    from dizoo_imgcls import label_issues as module
+    from dizoo_imgcls.data import DataLayoutError
+
+    files = scan_labelled_folder(os.path.join(tiny_image_folder, 'val'))
+    n, k = len(files.paths), len(files.class_names)
+    unreadable = (files, np.full((n, k), 1.0 / k), np.zeros(n, dtype=bool), files.class_names)
+    monkeypatch.setattr(module, 'checkpoint_probabilities', lambda checkpoint, split_dir: unreadable)
+    with pytest.raises(DataLayoutError, match='no readable image'):  # not cleanlab's error on an empty array
+        module.label_issues(EasyDict(data=dict(root=tiny_image_folder)), 'unused', 'val', checkpoint='any')
 
 
 def test_kfold_then_checkpoint_mode_on_generated_images(tiny_image_folder, tmp_path):

@@ -88,8 +88,9 @@ def test_lr_find_command_writes_csv_plot_tensorboard_and_suggestion(tiny_image_f
                        '--lr-find-start', str(start), '--lr-find-end', str(end), '--lr-find-steps', str(steps),
                        '--set', f'output_dir={tmp_path}', '--set', 'data.image_size=32', '--set',
                        f'policy.learn.batch_size={batch}', '--set', 'data.num_workers=0', '--set',
-                       'policy.learn.backbone_lr_factor=0.1')
+                       'policy.learn.backbone_lr_factor=0.1', '--set', 'policy.learn.freeze_backbone_epochs=2')
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert 'sweeping with the whole network trained' in result.stdout  # not the head alone
     exp = tmp_path / 'tiny_lr_find'
     assert not (tmp_path / 'tiny').exists() and not (exp / 'ckpt').exists()  # nothing of a training run
 

@@ -59,7 +59,7 @@ def run_hook(hook, iterations, monkeypatch, wall_s=1.0, step_s=0.75):
     clock = iter(np.arange(0.0, wall_s * (iterations + 1), wall_s).tolist())
     monkeypatch.setattr(hooks, 'time', SimpleNamespace(perf_counter=lambda: next(clock)))  # the hook's clock only
     engine = SimpleNamespace(last_iter=SimpleNamespace(val=0), log_buffer={})
-    hook.mark_epoch_start()
+    hook.restart_clock()
     for i in range(iterations):
         engine.log_buffer['scalar'] = dict(loss=1.0 / (i + 1), acc1=50.0, lr=0.1, batch_size=8, step_time=step_s)
         hook(engine)

@@ -190,3 +190,5 @@ def test_fine_tuning_freezes_the_backbone_then_trains_it_at_a_lower_lr():
     policy._epoch = 1  # from epoch 2 on, everything trains
     policy.learn_mode.forward(fixed_batch())
     assert not torch.equal(snapshot()['backbone.layer1.0.conv1.weight'], after['backbone.layer1.0.conv1.weight'])
+    with pytest.raises(ValueError, match='backbone_lr_factor'):  # a share of the LR: a factor above 1 is a mistake
+        make_policy(backbone_lr_factor=2.0)

@@ -242,6 +242,25 @@ def test_damaged_or_foreign_checkpoint_is_one_line_and_exit_2(checkpoint_path, t
     code, out, err = run_predict(capsys, '--checkpoint', str(bad), '--input', str(tmp_path))
     assert code == 2 and out == ''
     assert len(err.strip().splitlines()) == 1 and str(bad) in err and says in err, err
+    code = load_entry('imagenet_res18_main').main(['--eval-only', '--resume', str(bad), '--data-root', str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and str(bad) in err and says in err, err
+
+
+def test_eval_only_needs_no_train_folder_and_reports_beside_a_loose_checkpoint(checkpoint_path, data_root, tmp_path,
+                                                                               capsys):
+    held_out = tmp_path / 'test_set'  # a held-out test folder: val/ only
+    held_out.mkdir()
+    os.symlink(data_root / 'val', held_out / 'val')
+    loose = tmp_path / 'models' / 'best.pth.tar'  # not in an experiment's ckpt/ folder
+    loose.parent.mkdir()
+    loose.write_bytes(open(checkpoint_path, 'rb').read())
+    code = load_entry('imagenet_res18_main').main(['--eval-only', '--resume', str(loose), '--data-root',
+                                                   str(held_out), '--set', 'data.num_workers=0'])
+    assert code == 0, capsys.readouterr().err
+    with open(tmp_path / 'models' / 'eval' / 'confusion_matrix.csv') as f:
+        rows = list(csv.reader(f))
+    assert rows[0][1:] == DISPLAY and [sum(int(v) for v in row[1:]) for row in rows[1:]] == [2, 1, 2]  # 5 val images
 
 
 def test_a_fine_tuned_checkpoint_predicts_without_the_weights_it_started_from(checkpoint_path, tmp_path):
@@ -342,3 +361,46 @@ def test_ema_weights_predict_and_export_when_asked(checkpoint_path, data_root, t
     atomic_torch_save(state, str(plain))
     code, _, err = run_predict(capsys, '--checkpoint', str(plain), '--input', str(image), '--weights', 'ema')
     assert code == 2 and 'holds no EMA weights' in err and len(err.strip().splitlines()) == 1
+
+
+def test_bad_options_inputs_and_outputs_are_one_line_errors(checkpoint_path, tmp_path, capsys):
+    code, out, err = run_predict(capsys, '--checkpoint', checkpoint_path, '--input', str(tmp_path), '--device', 'gpu')
+    assert code == 2 and 'Traceback' not in err and '--device gpu' in err
+    with pytest.raises(SystemExit) as exit_info:  # argparse: exit 2 with a usage line
+        load_entry('predict').parse_args(['--checkpoint', checkpoint_path, '--input', '.', '--workers', '-1'])
+    assert exit_info.value.code == 2 and '>= 0' in capsys.readouterr().err
+    # a symlink loop inside an input folder: that folder is reported, not a traceback
+    looped = tmp_path / 'looped' / 'a'
+    looped.mkdir(parents=True)
+    save_colour(looped / 'red.jpg', COLOURS['a_red'], np.random.default_rng(3))
+    os.symlink('..', looped / 'back')
+    code, out, err = run_predict(capsys, '--checkpoint', checkpoint_path, '--input', str(tmp_path / 'looped'))
+    assert code == 1 and f'skipped {tmp_path / "looped"}:' in err and 'Traceback' not in err
+    # export to a path that is a folder
+    code = load_entry('export').main(['--checkpoint', checkpoint_path, '--format', 'torchscript', '--output',
+                                      str(tmp_path)])
+    assert code == 1 and 'is a folder' in capsys.readouterr().err
+
+
+def test_weights_that_give_nan_are_named_not_printed_as_nan(checkpoint_path, mixed_dir, tmp_path, capsys):
+    state = load_checkpoint(checkpoint_path)
+    state['policy']['model']['backbone.fc.bias'][:] = float('nan')  # what a diverged run leaves
+    diverged = tmp_path / 'diverged.pth.tar'
+    torch.save(state, diverged)
+    code, out, err = run_predict(capsys, '--checkpoint', str(diverged), '--input', str(mixed_dir / 'red.jpg'),
+                                 '--format', 'json')
+    assert code == 1 and json.loads(out) == [] and 'not finite' in err
+
+
+def test_file_names_that_are_not_utf8_are_printed_escaped_not_fatal(checkpoint_path, mixed_dir, tmp_path):
+    folder = tmp_path / 'latin1'
+    folder.mkdir()
+    for name in (b'a.jpg', b'caf\xe9.jpg', b'z.jpg'):  # valid Linux names, not valid UTF-8
+        with open(os.path.join(os.fsencode(folder), name), 'wb') as f:
+            f.write((mixed_dir / 'red.jpg').read_bytes())
+    result = subprocess.run([sys.executable, os.path.join(REPO, 'entry', 'predict.py'), '--checkpoint',
+                             checkpoint_path, '--input', str(folder), '--format', 'csv', '--topk', '1'],
+                            capture_output=True, cwd=REPO, env=dict(os.environ, PYTHONIOENCODING='utf-8'))
+    assert result.returncode == 0, result.stderr.decode(errors='replace')[-2000:]
+    lines = result.stdout.decode().splitlines()
+    assert len(lines) == 4 and 'caf\\udce9.jpg' in lines[2] and lines[3].startswith(str(folder / 'z.jpg'))

@@ -66,9 +66,9 @@ class EvalEvent:
 class ClassificationData:
     """What a data builder returns: loaders, the train sampler (for set_epoch), class names, and optional
     callbacks run after each evaluation (e.g. to log a prediction image)."""
-    train_loader: DataLoader
+    train_loader: Optional[DataLoader]  # None where only evaluation was asked for (build_eval_data)
     val_loader: DataLoader
-    train_sampler: DistributedSampler
+    train_sampler: Optional[DistributedSampler]
     val_sampler: DistributedSampler
     class_names: List[str]
     eval_callbacks: List[Callable[[EvalEvent], None]] = field(default_factory=list)
@@ -122,14 +122,18 @@ def build_datasets(data_cfg: Dict):
                     auto_augment=data_cfg['auto_augment'], magnitude=data_cfg['randaugment_magnitude']),
         decoder=data_cfg['decoder'],
     )
-    # An unreadable val file is not replaced (that would count another image twice) but marked: its sample
-    # gets label -1, which the metric leaves out, so every readable val image counts exactly once.
-    val = ImageFolderSplit(
-        os.path.join(root, 'val'), class_to_idx,
-        EvalPreset(eval_image_size(data_cfg), data_cfg['eval_crop_ratio'], reduced_decode=draft),
-        decoder=data_cfg['decoder'], allow_empty=True, replace_unreadable=False,
+    return train, val_split(data_cfg, class_to_idx, allow_empty=True)
+
+
+def val_split(data_cfg: Dict, class_to_idx: Dict[str, int], allow_empty: bool) -> ImageFolderSplit:
+    """``data.root/val`` with the eval preset. An unreadable val file is not replaced (that would count another
+    image twice) but marked: its sample gets label -1, which the metric leaves out, so every readable val image
+    counts exactly once."""
+    return ImageFolderSplit(
+        os.path.join(data_cfg['root'], 'val'), class_to_idx,
+        EvalPreset(eval_image_size(data_cfg), data_cfg['eval_crop_ratio'], reduced_decode=data_cfg['jpeg_draft']),
+        decoder=data_cfg['decoder'], allow_empty=allow_empty, replace_unreadable=False,
     )
-    return train, val
 
 
 def progressive_resize_hook(train_set, data_cfg: Dict) -> Optional[ProgressiveResize]:
@@ -181,6 +185,27 @@ def wrap_loaders(train_set, val_set, data_cfg: Dict, batch_size: int, eval_batch
                             generator=torch.Generator().manual_seed(seed), **common)
     return ClassificationData(train_loader, val_loader, train_sampler, val_sampler, list(class_names),
                               display_names=display_names)
+
+
+def build_eval_data(data_cfg: Dict, class_names: List[str], eval_batch_size: int, rank: int = 0,
+                    world_size: int = 1) -> ClassificationData:
+    """What evaluating a checkpoint needs: the val loader alone, labelled by the checkpoint's class index. For
+    image folders no ``train/`` is read (a held-out test folder may have none, and ImageNet's would take minutes
+    to list); other data types build their loaders as training does and must have the same classes."""
+    if data_cfg['type'] != 'image_folder':
+        data = build_loaders(data_cfg, eval_batch_size, eval_batch_size, rank, world_size)
+        if list(data.class_names) != list(class_names):
+            raise ValueError(f'the checkpoint was trained on {len(class_names)} classes {list(class_names)[:3]}..., '
+                             f'but the data has {data.class_names[:3]}...')
+        return data
+    val = val_split(data_cfg, {name: i for i, name in enumerate(class_names)}, allow_empty=False)
+    workers = data_cfg['num_workers']
+    workers = default_num_workers() if workers is None else workers
+    sampler = DistributedSampler(len(val), world_size, rank, shuffle=False)
+    loader = DataLoader(val, batch_size=eval_batch_size, sampler=sampler, num_workers=workers,
+                        pin_memory=torch.cuda.is_available(), collate_fn=collate_images)
+    return ClassificationData(None, loader, None, sampler, list(class_names),
+                              display_names=find_display_names(data_cfg['root'], list(class_names)))
 
 
 @DATA_REGISTRY.register('image_folder')

@@ -19,6 +19,9 @@ def param_groups_no_bn_bias_decay(model: torch.nn.Module, weight_decay: float, l
 
     Parameters whose name starts with ``head_prefix`` get ``lr``; the rest get ``lr * backbone_lr_factor``
     (fine-tuning usually moves pretrained layers less than a new head)."""
+    if not 0 <= backbone_lr_factor <= 1:
+        raise ValueError(f'policy.learn.backbone_lr_factor is the backbone\'s share of the LR, in [0, 1]; got '
+                         f'{backbone_lr_factor}')
     groups = {}
     for name, param in model.named_parameters():
         is_head = bool(head_prefix) and name.startswith(head_prefix)
