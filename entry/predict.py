@@ -16,13 +16,11 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _int_at_least(minimum: int):
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f'expected an integer >= {minimum}, got {text}')
-        return value
-    return parse
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'expected a positive integer, got {text}')
+    return value
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -30,18 +28,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--checkpoint', required=True, help='a dizoo_imgcls checkpoint (.pth.tar)')
     parser.add_argument('--input', required=True, nargs='+', metavar='IMG_OR_DIR',
                         help='image files and/or folders (searched recursively)')
-    parser.add_argument('--topk', type=_int_at_least(1), default=5,
+    parser.add_argument('--topk', type=_positive_int, default=5,
                         help='classes shown per image, most likely first (default: 5; at most the class count)')
     parser.add_argument('--format', choices=('table', 'json', 'csv'), default='table',
                         help='table (default): readable; json: one array, one image per line; '
                              'csv: path,rank,class_index,class_name,probability')
-    parser.add_argument('--batch-size', type=_int_at_least(1), default=32, help='images per forward pass (default: 32)')
-    parser.add_argument('--workers', type=_int_at_least(0), default=0,
+    parser.add_argument('--batch-size', type=_positive_int, default=32, help='images per forward pass (default: 32)')
+    parser.add_argument('--workers', type=int, default=0,
                         help='processes decoding images (default: 0, decode in the main process)')
     parser.add_argument('--weights', choices=('model', 'ema'), default='model',
                         help="the trained weights, or their moving average when the run kept one (default: model)")
     parser.add_argument('--device', default=None, help='torch device (default: cuda when available, else cpu)')
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.workers < 0:
+        parser.error(f'--workers must be >= 0, got {args.workers}')
+    return args
 
 
 def main(argv=None) -> int:
