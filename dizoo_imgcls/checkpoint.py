@@ -13,6 +13,7 @@ Layout (``CHECKPOINT_FORMAT``)::
     class_names   folder names in class-index order; display_names: human-readable names or None
 """
 import glob
+import logging
 import os
 import random
 import re
@@ -23,6 +24,7 @@ import torch
 
 CHECKPOINT_FORMAT = 'dizoo_imgcls/1'
 BEST_NAME = 'ckpt_best.pth.tar'
+logger = logging.getLogger('dizoo_imgcls')
 _STEP_NAME = re.compile(r'^(?:epoch_\d+_)?iter_(\d+)\.pth\.tar$')
 
 
@@ -142,6 +144,30 @@ def prune_checkpoints(ckpt_dir: str, keep_last: int) -> None:
         return
     for path in step_checkpoints(ckpt_dir)[:-keep_last]:
         os.remove(path)
+
+
+def set_aside_later_checkpoints(ckpt_dir: str, iteration: int) -> Optional[str]:
+    """A run resumed from iteration ``iteration`` of its history: the step checkpoints past it (and a
+    ``ckpt_best`` past it) belong to the trajectory it leaves. They are moved, not deleted, into
+    ``ckpt_dir/superseded_at_iter_N/``: left in place they would outrank the resumed run's new checkpoints, which
+    pruning would then delete, and ``--resume auto`` would go back to them. Returns that folder, if used."""
+    later = [p for p in step_checkpoints(ckpt_dir) if int(_STEP_NAME.match(os.path.basename(p)).group(1)) > iteration]
+    best = os.path.join(ckpt_dir, BEST_NAME)
+    if os.path.isfile(best):
+        try:
+            if load_checkpoint(best).get('last_iter', 0) > iteration:
+                later.append(best)
+        except CheckpointError:
+            pass  # a damaged best checkpoint stays where it is
+    if not later:
+        return None
+    folder = os.path.join(ckpt_dir, f'superseded_at_iter_{iteration}')
+    os.makedirs(folder, exist_ok=True)
+    for path in later:
+        os.replace(path, os.path.join(folder, os.path.basename(path)))
+    logger.info(f'resumed at iteration {iteration}: moved {len(later)} later checkpoint(s) of the previous run to '
+             f'{folder}')
+    return folder
 
 
 def latest_checkpoint(ckpt_dir: str) -> Optional[str]:

@@ -2,6 +2,7 @@
 import ast
 import copy
 import difflib
+import importlib.machinery
 import importlib.util
 import os
 import pprint
@@ -64,15 +65,18 @@ def load_config_file(path: str) -> Dict:
     """Import a config file and return its ``main_config`` dict."""
     if not os.path.isfile(path):
         raise ConfigError(f'config file not found: {path}')
-    spec = importlib.util.spec_from_file_location('_dizoo_imgcls_user_config', path)
-    module = importlib.util.module_from_spec(spec)
+    # An explicit source loader: a config saved under another name (.txt, no extension) is Python all the same.
+    loader = importlib.machinery.SourceFileLoader('_dizoo_imgcls_user_config', path)
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
     try:
-        spec.loader.exec_module(module)
+        loader.exec_module(module)
     except Exception as e:  # a broken config file should name itself, not show our internals
         raise ConfigError(f'cannot load config file {path}: {type(e).__name__}: {e}') from e
-    if not hasattr(module, 'main_config'):
-        raise ConfigError(f'config file {path} defines no `main_config` dict')
-    return copy.deepcopy(dict(module.main_config))
+    main_config = getattr(module, 'main_config', None)
+    if not isinstance(main_config, dict):
+        raise ConfigError(f'config file {path} defines no `main_config` dict'
+                          + (f' (it is a {type(main_config).__name__})' if hasattr(module, 'main_config') else ''))
+    return copy.deepcopy(dict(main_config))
 
 
 MISSING = object()
@@ -106,9 +110,10 @@ def _unknown_key_error(key: str, valid: Iterable[str], where: str) -> ConfigErro
     return ConfigError(f"unknown config key '{key}' in {where}{hint}")
 
 
-def check_keys(user: Dict, defaults: Dict, where: str) -> None:
-    """Every key of ``user`` must exist in ``defaults`` (outside the open sections)."""
-    valid = flat_keys(defaults)
+def check_keys(user: Dict, defaults: Dict, where: str, prefix: str = '') -> None:
+    """Every key of ``user`` must exist in ``defaults`` (outside the open sections); ``prefix``: the dotted
+    path of ``defaults`` in the whole config, for a section given as a dict (``--set policy={...}``)."""
+    valid = flat_keys(defaults, prefix)
 
     def walk(user_node: Dict, default_node: Dict, prefix: str) -> None:
         for k, v in user_node.items():
@@ -118,15 +123,46 @@ def check_keys(user: Dict, defaults: Dict, where: str) -> None:
             if isinstance(v, dict) and isinstance(default_node[k], dict) and path not in OPEN_SECTIONS:
                 walk(v, default_node[k], path + '.')
 
-    walk(user, defaults, '')
+    walk(user, defaults, prefix)
+
+
+WORDS = {'true': True, 'false': False, 'none': None, 'null': None}
 
 
 def parse_value(text: str) -> Any:
-    """A Python literal (``0.1``, ``[1, 2]``, ``None``, ``'x'``); anything else is taken as a plain string."""
+    """A Python literal (``0.1``, ``[1, 2]``, ``None``, ``'x'``), the words true/false/none/null in any case
+    (a shell user's ``false`` must not become the truthy string 'false'); anything else is a plain string."""
+    word = WORDS.get(text.strip().lower(), text)
+    if word is not text:
+        return word
     try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
+        return ast.literal_eval(text.strip())
+    except Exception:  # ValueError, SyntaxError, and TypeError for e.g. {[1]: 2}
         return text
+
+
+def check_override_type(key: str, value: Any, current: Any) -> None:
+    """A ``--set`` value must have the type of the key's current value: a number for a number, a bool for a
+    flag, a list for a list; keys whose value is None (unset) take anything."""
+    if current is None or value is None:
+        return
+    if isinstance(current, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(current, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(current, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif isinstance(current, (list, tuple)):
+        ok = isinstance(value, (list, tuple))
+    elif isinstance(current, str):
+        ok = isinstance(value, str)
+    else:
+        ok = True
+    if not ok:
+        expected = 'a list' if isinstance(current, (list, tuple)) else f'a {type(current).__name__}'
+        hint = f" (to give a text, quote it: --set {key}=\"'...'\")" if isinstance(current, str) else ''
+        raise ConfigError(f'--set {key}: expected {expected} like its current value {current!r}, got '
+                          f'{value!r}{hint}')
 
 
 def apply_override(cfg: EasyDict, assignment: str) -> None:
@@ -145,15 +181,18 @@ def apply_override(cfg: EasyDict, assignment: str) -> None:
     in_open_section = '.'.join(walked) in OPEN_SECTIONS
     if not isinstance(node, dict) or (parts[-1] not in node and not in_open_section):
         raise _unknown_key_error(key, flat_keys(cfg), '--set')
-    value = parse_value(text)
     section = node.get(parts[-1])
+    # A text key keeps words as text: policy.learn.amp=none is the mode 'none', not None.
+    value = text.strip() if isinstance(section, str) and text.strip().lower() in WORDS else parse_value(text)
     if isinstance(section, dict):
         if not isinstance(value, dict):
             raise ConfigError(f"--set {key}: '{key}' is a section; set one of its keys, e.g. {key}.<name>=...")
         # A dict updates the section key by key (the keys it leaves out keep their values), checked like a file.
         if key not in OPEN_SECTIONS:
-            check_keys(value, section, f'--set {key}')
+            check_keys(value, section, f'--set {key}', prefix=key + '.')
         value = deep_merge_dicts(section, value)
+    elif not in_open_section:
+        check_override_type(key, value, section)
     node[parts[-1]] = value
 
 

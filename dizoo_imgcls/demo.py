@@ -1,11 +1,14 @@
 """The ``--demo`` data set: scikit-learn's handwritten digits (shipped inside the wheel, nothing downloaded),
 written once as an ImageFolder cache so the demo runs through exactly the same folder pipeline as ImageNet."""
+import logging
 import os
 import shutil
 import tempfile
 
 import numpy as np
 from PIL import Image
+
+logger = logging.getLogger('dizoo_imgcls')
 
 DIGITS_CACHE_VERSION = 'digits_v1'
 DIGITS_IMAGE_PX = 32
@@ -54,7 +57,7 @@ def prepare_digits(cache_dir: str = None) -> str:
     from sklearn.datasets import load_digits
 
     root = cache_dir or default_cache_dir()
-    if os.path.isdir(os.path.join(root, 'train')) and os.path.isdir(os.path.join(root, 'val')):
+    if _complete(root):
         return root
     digits = load_digits()
     parent = os.path.dirname(os.path.abspath(root))
@@ -73,6 +76,16 @@ def prepare_digits(cache_dir: str = None) -> str:
         image.save(os.path.join(folder, f'{i:04d}.png'))
     try:
         os.rename(staging, root)
-    except OSError:  # another process finished first
-        shutil.rmtree(staging, ignore_errors=True)
+    except OSError:
+        if _complete(root):  # another process finished first
+            shutil.rmtree(staging, ignore_errors=True)
+        else:  # a damaged cache (a split deleted by hand): replaced by the one just written
+            logger.warning(f'the digits cache {root} was incomplete; rebuilt it')
+            shutil.rmtree(root, ignore_errors=True)
+            os.rename(staging, root)
     return root
+
+
+def _complete(root: str) -> bool:
+    return all(os.path.isdir(os.path.join(root, split)) and os.listdir(os.path.join(root, split))
+               for split in ('train', 'val'))

@@ -60,6 +60,14 @@ def setup_logging(exp_dir: str = None, rank: int = 0) -> None:
         log.addHandler(file_handler)
 
 
+_CURRENT_EXPERIMENT = None
+
+
+def current_experiment_dir():
+    """The folder the last ``experiment_dir`` call chose in this process (None before any)."""
+    return _CURRENT_EXPERIMENT
+
+
 def experiment_dir(cfg: EasyDict) -> str:
     """Where this run writes: the resumed run's folder (``EXP`` of ``--resume EXP/ckpt/FILE``), else
     ``output_dir/exp_name`` (plus a timestamp if that folder is already used). The same path on every rank."""
@@ -76,16 +84,22 @@ def experiment_dir(cfg: EasyDict) -> str:
         path = os.path.dirname(os.path.dirname(os.path.abspath(cfg.resume)))  # EXP/ckpt/file.pth.tar
     else:  # a new run, or one resumed from a checkpoint file kept outside any experiment folder
         path = os.path.abspath(os.path.join(cfg.output_dir, cfg.exp_name))
-        if os.path.exists(path) and os.listdir(path) and first_rank:
+        if os.path.isdir(path) and os.listdir(path) and first_rank:
             path = _claim_new_folder(f"{path}_{datetime.now().strftime('%y%m%d_%H%M%S')}")
     if dist.is_initialized():
         holder = [path]
         dist.broadcast_object_list(holder, src=0)
         path = holder[0]
-    os.makedirs(path, exist_ok=True)
-    if restart_marker and elastic_restart_count() == 0 and first_rank:
-        with open(restart_marker, 'w') as f:
-            f.write(path)
+    try:
+        os.makedirs(path, exist_ok=True)
+        if restart_marker and elastic_restart_count() == 0 and first_rank:
+            with open(restart_marker, 'w') as f:
+                f.write(path)
+    except OSError as e:  # output_dir is a file, or a folder this user cannot write
+        raise ValueError(f'cannot create the experiment folder {path} (output_dir={cfg.output_dir!r}, '
+                         f'exp_name={cfg.exp_name!r}): {e.strerror or e}') from None
+    global _CURRENT_EXPERIMENT
+    _CURRENT_EXPERIMENT = path
     return path
 
 
@@ -107,7 +121,8 @@ def _elastic_restart_marker(cfg: EasyDict):
     run_id = os.environ.get('TORCHELASTIC_RUN_ID')
     if not run_id or 'TORCHELASTIC_RESTART_COUNT' not in os.environ:
         return None
-    return os.path.join(os.path.abspath(cfg.output_dir), f'.{cfg.exp_name}.torchrun-{run_id}')
+    name = str(cfg.exp_name).replace(os.sep, '_')  # exp_name may name a sub-folder (a/b); the marker is one file
+    return os.path.join(os.path.abspath(cfg.output_dir), f'.{name}.torchrun-{run_id}')
 
 
 def elastic_restart_count() -> int:

@@ -1,5 +1,6 @@
 """The training run: data -> policy -> DI-engine BaseLearner + MetricSerialEvaluator -> experiment folder."""
 import atexit
+import json
 import logging
 import os
 import shutil
@@ -14,13 +15,14 @@ from ding.worker import BaseLearner, MetricSerialEvaluator
 from easydict import EasyDict
 from tensorboardX import SummaryWriter
 
-from .checkpoint import (CHECKPOINT_FORMAT, CheckpointError, atomic_torch_save, latest_checkpoint, one_line,
-                         load_checkpoint, prune_checkpoints, rng_state, set_rng_state, step_checkpoint_name,
-                         to_plain)
+from .checkpoint import (CHECKPOINT_FORMAT, CheckpointError, atomic_torch_save, latest_checkpoint, load_checkpoint,
+                         one_line, prune_checkpoints, rng_state, set_aside_later_checkpoints, set_rng_state,
+                         step_checkpoint_name, to_plain)
 from .config import MISSING, get_dotted, save_config_file
 from .data import EvalEvent, build_loaders, shutdown_workers
 from .hooks import CheckpointHook, TrainLoggerHook
 from .metric import DiagnosticMetric
+from .model import check_model_options, model_options
 from .policy import ImageClassificationPolicy
 from .runtime import (NullWriter, elastic_restart_count, experiment_dir, init_distributed, set_deterministic,
                       setup_logging, write_json)
@@ -43,11 +45,15 @@ METRIC_BASES, METRIC_VARIANTS = ('acc1', 'acc5', 'loss'), ('', 'tta', 'ema', 'em
 
 
 def check_run_settings(cfg: EasyDict) -> None:
-    """What would otherwise fail only after the first epoch: the metric key (a variant's key needs that variant:
-    acc1_ema an EMA, acc1_tta test-time augmentation), eval_every, and the names that become paths."""
+    """What would otherwise fail late, or after the run's folder is made: the metric key (a variant's key needs
+    that variant: acc1_ema an EMA, acc1_tta test-time augmentation), eval_every, the names that become paths,
+    the model's options and the checkpoint to resume from."""
     for name, types in (('exp_name', str), ('output_dir', (str, os.PathLike))):
         if not isinstance(cfg[name], types) or not str(cfg[name]):
             raise ValueError(f'{name} must be a non-empty string, got {cfg[name]!r} (quote it: --set {name}="...")')
+    epochs = cfg.policy.learn.train_epoch
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
+        raise ValueError(f'policy.learn.train_epoch must be a positive number of epochs, got {epochs!r}')
     if not isinstance(cfg.eval_every, int) or cfg.eval_every < 1:
         raise ValueError(f'eval_every must be a positive number of epochs, got {cfg.eval_every!r}')
     key, ev = cfg.policy.eval.metric_key, cfg.policy.eval
@@ -60,6 +66,13 @@ def check_run_settings(cfg: EasyDict) -> None:
     if 'tta' in key.split('_') and not (ev.tta.flip or ev.tta.scales):
         raise ValueError(f"policy.eval.metric_key='{key}' needs test-time augmentation: set policy.eval.tta.flip=True "
                          'or policy.eval.tta.scales')
+    try:  # the model's name and options, checked before any folder is made
+        check_model_options(cfg.policy.model.name, model_options(cfg.policy.model),
+                            config_keys=('name', 'num_classes', 'pretrained'))
+    except KeyError as e:
+        raise ValueError(f'policy.model.name: {e.args[0]}') from None
+    if cfg.resume and cfg.resume != 'auto' and not os.path.isfile(cfg.resume):
+        raise CheckpointError(f'checkpoint not found: {cfg.resume}')
 
 
 def prepare_config(cfg: EasyDict, data) -> None:
@@ -195,6 +208,8 @@ class TrainingRun:
             logger.info(f'--resume auto: no checkpoint in {self.ckpt_dir} yet, starting from scratch')
             return
         self.load_state_dict(load_checkpoint(path), path)
+        if self.rank == 0:
+            set_aside_later_checkpoints(self.ckpt_dir, self.learner.last_iter.val)
         # A new evaluator knows no best yet and would overwrite ckpt_best with the first, maybe worse, result.
         self.evaluator._max_avg_eval_result = self.best
         logger.info(f'resumed from {path}: epoch {self.epoch} done, {self.batch} batches into the next')
@@ -203,8 +218,11 @@ class TrainingRun:
     def fit(self) -> Dict[str, Any]:
         if self.cfg.resume:
             self.resume()  # first: a refused resume must leave the run's folder as it was
+            if self.epoch >= self.cfg.policy.learn.train_epoch:
+                return self._already_finished()
         if self.rank == 0:
-            save_config_file(self.cfg, os.path.join(self.exp_dir, 'total_config.py'))
+            # Without `resume`: run again with --config, the file starts a new run instead of continuing this one.
+            save_config_file(dict(self.cfg, resume=None), os.path.join(self.exp_dir, 'total_config.py'))
             write_json(os.path.join(self.exp_dir, 'classes.json'), self.data.class_names)
         self._log_start()
         self.visuals.log_training_images(self.learner.train_iter)
@@ -221,6 +239,19 @@ class TrainingRun:
                 break
         self.learner.call_hook('after_run')
         return self._finish(metrics)
+
+    def _already_finished(self) -> Dict[str, Any]:
+        """A resume of a run that trained all its epochs: nothing to do, and its summary.json stays as it is."""
+        path = os.path.join(self.exp_dir, 'summary.json')
+        logger.info(f'{self.exp_dir} has already trained all {self.cfg.policy.learn.train_epoch} epochs; '
+                    f'nothing to resume (raise policy.learn.train_epoch only with a new run: the LR schedule '
+                    f'was built for this length). Its results: {path}')
+        shutdown_workers(self.data.train_loader, self.data.val_loader)
+        self.tb.close()
+        if os.path.isfile(path):
+            with open(path) as f:
+                return json.load(f)
+        return {'exp_dir': self.exp_dir, 'epochs': self.epoch}
 
     def _train_epoch(self, epoch: int) -> None:
         data, every = self.data, self.cfg.checkpoint.every_n_iters

@@ -102,6 +102,9 @@ def main(argv=None) -> int:
             find_lr(cfg, **lr_find_options)
         else:
             train(cfg)
+    except KeyboardInterrupt:
+        print(interrupted_message(cfg), file=sys.stderr)
+        return 130
     except DataLayoutError as e:
         print(f'error: {e}. Pass --data-root DIR, or run with --demo to train on bundled digits', file=sys.stderr)
         return 2
@@ -111,6 +114,20 @@ def main(argv=None) -> int:
     return 0
 
 
+def interrupted_message(cfg) -> str:
+    """What to do after Ctrl-C: checkpoints are written atomically, so the newest complete one is safe."""
+    from dizoo_imgcls.checkpoint import latest_checkpoint
+    from dizoo_imgcls.runtime import current_experiment_dir
+
+    exp_dir = current_experiment_dir()
+    if exp_dir is None:
+        return 'interrupted before the run started; nothing was trained'
+    newest = latest_checkpoint(os.path.join(exp_dir, 'ckpt'))
+    if newest is None:
+        return f'interrupted before the first checkpoint; nothing to resume in {exp_dir}'
+    return f'interrupted; the newest checkpoint is {newest}. Continue with: --resume {newest}'
+
+
 def eval_only(args: argparse.Namespace) -> int:
     from dizoo_imgcls.checkpoint import CheckpointError
     from dizoo_imgcls.data import DataLayoutError
@@ -118,6 +135,13 @@ def eval_only(args: argparse.Namespace) -> int:
 
     if not args.resume or args.resume == 'auto' or not args.data_root:
         print('error: --eval-only needs --resume CHECKPOINT and --data-root DIR', file=sys.stderr)
+        return 2
+    ignored = [flag for flag, given in (('--config', args.config), ('--exp-name', args.exp_name),
+                                        ('--seed', args.seed is not None), ('--demo', args.demo),
+                                        ('--check-data', args.check_data)) if given]
+    if ignored:  # the settings come from the checkpoint; silently dropping these would mislead
+        print(f"error: --eval-only takes its settings from the checkpoint: drop {', '.join(ignored)} "
+              '(data.* and policy.eval.* keys can still be changed with --set)', file=sys.stderr)
         return 2
     try:
         evaluate_checkpoint(args.resume, args.data_root, args.overrides)

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from dizoo_imgcls.config import (ConfigError, apply_override, build_config, default_config, load_config_file,
@@ -44,8 +46,39 @@ def test_malformed_and_section_overrides():
 def test_a_dict_override_updates_its_section_key_by_key_and_is_checked():
     cfg = build_config({}, ["policy.learn.ema={'enabled': True}"])
     assert cfg.policy.learn.ema.enabled is True and cfg.policy.learn.ema.decay == default_config().policy.learn.ema.decay
-    with pytest.raises(ConfigError, match="unknown config key 'mixup_alpah' in --set policy.learn.mix.*mixup_alpha"):
+    with pytest.raises(ConfigError, match="unknown config key 'policy.learn.mix.mixup_alpah' in --set "
+                                          "policy.learn.mix; closest valid keys: policy.learn.mix.mixup_alpha"):
         build_config({}, ["policy.learn.mix={'mixup_alpah': 0.2}"])
+    # an open section inside the dict takes any key, as it does from a file
+    cfg = build_config({}, ["policy={'model': {'width_factor': 2}}"])
+    assert cfg.policy.model.width_factor == 2 and cfg.policy.learn.batch_size == default_config().policy.learn.batch_size
+
+
+def test_override_values_shell_words_and_types():
+    cfg = build_config({}, ['data.hflip=false', 'policy.learn.ema.enabled=TRUE', 'data.eval_image_size=null',
+                            'policy.learn.amp=none', 'policy.learn.label_smoothing=0', "exp_name='007'"])
+    assert cfg.data.hflip is False and cfg.policy.learn.ema.enabled is True and cfg.data.eval_image_size is None
+    assert cfg.policy.learn.amp == 'none'  # a text key keeps the word: the mode 'none'
+    assert cfg.policy.learn.label_smoothing == 0 and cfg.exp_name == '007'
+    for assignment, says in (('seed=abc', "expected a int like its current value 0, got 'abc'"),
+                             ('checkpoint.every_n_iters=2.5', 'expected a int'),
+                             ('data.hflip=1', 'expected a bool'),
+                             ('data.train_crop_scale=0.5', 'expected a list'),
+                             ('exp_name=7', 'quote it')):
+        with pytest.raises(ConfigError, match=re.escape(says)):
+            build_config({}, [assignment])
+    with pytest.raises(ConfigError, match="'data.options'"):  # a literal Python cannot build: kept as text
+        build_config({}, ['data.options={[1]: 2}'])
+
+
+def test_config_files_under_any_name_and_a_main_config_that_is_no_dict(tmp_path):
+    text = tmp_path / 'my_config'  # no .py: still a Python config file
+    text.write_text("main_config = dict(seed=3, policy=dict(learn=dict(batch_size=16)))\n")
+    assert load_config_file(str(text))['seed'] == 3
+    broken = tmp_path / 'broken.py'
+    broken.write_text('main_config = None\n')
+    with pytest.raises(ConfigError, match=f'{broken} defines no `main_config` dict .it is a NoneType'):
+        load_config_file(str(broken))
 
 
 def test_model_options_are_checked_against_the_model():

@@ -45,6 +45,24 @@ def test_no_data_root_at_all_points_to_the_flags(tmp_path):
     assert '--data-root' in result.stderr and '--demo' in result.stderr and 'Traceback' not in result.stderr
 
 
+def test_settings_that_cannot_run_are_refused_before_any_folder_is_made(tiny_image_folder, tmp_path):
+    out = tmp_path / 'runs'
+    for extra, says in ((['--resume', str(tmp_path / 'missing.pth.tar')], 'checkpoint not found'),
+                        (['--set', 'policy.model.blurpool=True'], "no option 'blurpool' (did you mean blur_pool?)"),
+                        (['--set', 'policy.model.name=resnet19'], "unknown model 'resnet19'")):
+        result = run_entry('--data-root', tiny_image_folder, '--set', f'output_dir={out}', *extra)
+        assert result.returncode == 2 and says in result.stderr and 'Traceback' not in result.stderr, result.stderr
+        assert not out.exists(), extra
+    blocker = tmp_path / 'a_file'
+    blocker.write_text('not a folder')
+    result = run_entry('--data-root', tiny_image_folder, '--set', f'output_dir={blocker}')
+    assert result.returncode == 2 and 'cannot create the experiment folder' in result.stderr
+    assert 'Traceback' not in result.stderr
+    result = run_entry('--check-data', '--data-root', tiny_image_folder, '--set', 'data.decoder=turbo')
+    assert result.returncode == 2 and "data.decoder must be one of" in result.stderr
+    assert 'Traceback' not in result.stderr
+
+
 def test_unknown_set_key_exits_2_naming_closest_key(tmp_path):
     result = run_entry('--demo', '--set', 'policy.learn.lr_per256=0.1', '--set', f'output_dir={tmp_path}')
     assert result.returncode == 2
@@ -85,6 +103,10 @@ def test_the_demo_writes_the_digits_once_and_learns_them(tmp_path):
     assert len(files['val']) == sum(n // 5 for n in (178, 182, 177, 183, 181, 182, 181, 179, 174, 180))  # 1 in 5
     stamp = os.path.getmtime(os.path.join(root, 'val'))
     assert prepare_digits(str(cache / 'digits')) == root and os.path.getmtime(os.path.join(root, 'val')) == stamp
+    damaged = tmp_path / 'damaged'  # a cache with a split deleted by hand is rebuilt, not used half
+    (damaged / 'digits' / 'train' / '0').mkdir(parents=True)
+    prepare_digits(str(damaged / 'digits'))
+    assert len(list((damaged / 'digits').rglob('*.png'))) == 1797
 
     result = run_entry('--demo', '--set', f'output_dir={tmp_path / "runs"}', '--set', 'policy.learn.train_epoch=3',
                        env={'XDG_CACHE_HOME': str(cache), 'OMP_NUM_THREADS': '2'})

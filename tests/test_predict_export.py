@@ -261,6 +261,9 @@ def test_eval_only_needs_no_train_folder_and_reports_beside_a_loose_checkpoint(c
     with open(tmp_path / 'models' / 'eval' / 'confusion_matrix.csv') as f:
         rows = list(csv.reader(f))
     assert rows[0][1:] == DISPLAY and [sum(int(v) for v in row[1:]) for row in rows[1:]] == [2, 1, 2]  # 5 val images
+    code = load_entry('imagenet_res18_main').main(['--eval-only', '--resume', str(loose), '--data-root',
+                                                   str(held_out), '--seed', '3'])
+    assert code == 2 and 'drop --seed' in capsys.readouterr().err  # settings come from the checkpoint
 
 
 def test_a_fine_tuned_checkpoint_predicts_without_the_weights_it_started_from(checkpoint_path, tmp_path):

@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from conftest import REPO
 from dizoo_imgcls.checkpoint import CheckpointError, load_checkpoint, step_checkpoints
@@ -61,6 +62,30 @@ def test_mid_epoch_resume_continues_from_the_saved_iteration(tiny_image_folder, 
     final = load_checkpoint(step_checkpoints(os.path.join(run['exp_dir'], 'ckpt'))[-1])
     assert final['last_iter'] == 10  # 4 more iterations, not a repeated epoch
     assert resumed['acc1'] == full['acc1'] and resumed['loss'] == full['loss']
+
+
+def test_resume_from_an_older_checkpoint_keeps_both_histories_and_a_finished_run_is_left_alone(tiny_image_folder,
+                                                                                                 tmp_path):
+    run = train(small_cfg(tiny_image_folder, tmp_path, 3, 'hist'))
+    exp, ckpt = run['exp_dir'], os.path.join(run['exp_dir'], 'ckpt')
+    names = [os.path.basename(p) for p in step_checkpoints(ckpt)]
+    assert names == ['epoch_1_iter_5.pth.tar', 'epoch_2_iter_10.pth.tar', 'epoch_3_iter_15.pth.tar']
+    assert load_config_file(os.path.join(exp, 'total_config.py'))['resume'] is None  # re-running it starts afresh
+    summary = open(os.path.join(exp, 'summary.json')).read()
+    # resuming the finished run trains nothing and leaves its summary as it was
+    again = train(small_cfg(tiny_image_folder, tmp_path, 3, 'hist', 'resume="auto"'))
+    assert again == json.loads(summary) and open(os.path.join(exp, 'summary.json')).read() == summary
+    # back to epoch 1: the old epochs 2-3 (and the best checkpoint, if later) are moved aside, not deleted, and
+    # the new epochs 2-3 are the ones kept (before, pruning removed them as soon as they were written)
+    old_epoch3 = load_checkpoint(os.path.join(ckpt, 'epoch_3_iter_15.pth.tar'))['policy']['model']
+    train(small_cfg(tiny_image_folder, tmp_path, 3, 'hist', f'resume="{os.path.join(ckpt, names[0])}"',
+                    'policy.learn.amp="none"'))
+    aside = os.path.join(ckpt, 'superseded_at_iter_5')
+    assert {'epoch_2_iter_10.pth.tar', 'epoch_3_iter_15.pth.tar'} <= set(os.listdir(aside))
+    assert [os.path.basename(p) for p in step_checkpoints(ckpt)] == names
+    new_epoch3 = load_checkpoint(os.path.join(ckpt, 'epoch_3_iter_15.pth.tar'))
+    assert new_epoch3['history'][-1]['epoch'] == 3 and os.path.isfile(os.path.join(ckpt, 'ckpt_best.pth.tar'))
+    assert all(torch.equal(old_epoch3[k], v) for k, v in new_epoch3['policy']['model'].items())  # deterministic
 
 
 def test_resume_with_another_schedule_or_model_is_refused_and_changes_nothing(tiny_image_folder, tmp_path):
@@ -148,3 +173,17 @@ def test_experiment_folder_of_torchrun_jobs_and_of_checkpoints_kept_elsewhere(tm
     assert os.path.dirname(experiment_dir(cfg)) == str(tmp_path / 'runs')
     cfg.resume = str(tmp_path / 'runs' / 'T' / 'ckpt' / 'epoch_1_iter_5.pth.tar')
     assert experiment_dir(cfg) == first
+
+
+def test_ctrl_c_names_the_checkpoint_to_resume_from(tiny_image_folder, tmp_path):
+    proc = _start(tiny_image_folder, tmp_path, 20)
+    ckpt_dir = tmp_path / 'killed' / 'ckpt'
+    deadline = time.time() + 120
+    while time.time() < deadline and not (ckpt_dir.is_dir() and step_checkpoints(str(ckpt_dir))):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    err = proc.stderr.read()
+    newest = step_checkpoints(str(ckpt_dir))[-1]
+    assert 'Traceback' not in err and f'interrupted; the newest checkpoint is {newest}' in err, err[-2000:]
+    load_checkpoint(newest)  # complete: written atomically

@@ -61,24 +61,28 @@ def check_data_folders(data_cfg) -> int:
         return 0
     start = time.time()
     root = data_cfg['root']
-    decoder = resolve_decoder(data_cfg.get('decoder', 'auto'))
     try:
+        decoder = resolve_decoder(data_cfg.get('decoder', 'auto'))
         files, empty_folders = list_splits(root)
-    except DataLayoutError as e:
+    except (DataLayoutError, ValueError) as e:  # ValueError: an unknown or missing data.decoder
         print(f'error: {e}', file=sys.stderr)
         return 2
     everything = files['train'] + files['val']
     chunks = [everything[i:i + FILES_PER_TASK] for i in range(0, len(everything), FILES_PER_TASK)]
-    workers = data_cfg.get('num_workers') or default_num_workers()
-    with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
-        bad = [item for found in pool.map(_check_chunk, chunks, [decoder] * len(chunks)) for item in found]
+    workers = data_cfg.get('num_workers')
+    workers = default_num_workers() if workers is None else workers
+    if workers == 0:  # data.num_workers=0: everything in this process, as the loaders would do
+        bad = [item for chunk in chunks for item in _check_chunk(chunk, decoder)]
+    else:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            bad = [item for found in pool.map(_check_chunk, chunks, [decoder] * len(chunks)) for item in found]
     for path, reason in bad:
         print(f'unreadable: {path}: {reason}')
     for split, folder in empty_folders:
         what = 'training images' if split == 'train' else 'validation images: its accuracy is not measured'
         print(f'empty class folder: {folder} (the class gets no {what})')
     ignored = sum(ignored_files(os.path.join(root, split)) for split in ('train', 'val'))
-    print(f"checked {len(files['train'])} train + {len(files['val'])} val images with {workers} processes in "
+    print(f"checked {len(files['train'])} train + {len(files['val'])} val images with {max(1, workers)} processes in "
           f'{time.time() - start:.1f}s: {len(bad)} unreadable, {len(empty_folders)} empty class folder(s), '
           f'{ignored} hidden or non-image file(s) ignored')
     return 1 if bad or empty_folders else 0

@@ -6,7 +6,7 @@ model so the data workers ship compact uint8 tensors and an exported model needs
 import difflib
 import inspect
 import logging
-from typing import Callable, Dict, Sequence
+from typing import Callable, Dict, Iterable, Sequence
 
 import torch
 import torch.nn as nn
@@ -97,21 +97,28 @@ def available_models() -> list:
     return sorted(MODEL_REGISTRY.keys())
 
 
-def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:
-    """Build a registered model, e.g. ``create_model('resnet18', num_classes=10, zero_init_residual=True)``."""
+def check_model_options(name: str, options: Iterable[str], config_keys: Sequence[str] = ()) -> None:
+    """The model is registered and takes every one of ``options`` as a keyword (a typo such as ``blurpool``
+    must not be silently ignored); ``KeyError`` / ``ValueError`` naming the problem otherwise. ``config_keys``:
+    other valid keys where the options come from (``policy.model.name``), offered as corrections too."""
     if name not in MODEL_REGISTRY:
         raise KeyError(f"unknown model '{name}'; available: {', '.join(available_models())}")
+    params = inspect.signature(MODEL_REGISTRY[name]).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return
+    valid = [k for k in params if k != 'num_classes']
+    for key in sorted(set(options) - set(params)):
+        close = difflib.get_close_matches(key, valid + list(config_keys), n=2, cutoff=0.5)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ''
+        raise ValueError(f"model '{name}' has no option '{key}'{hint}; its options: {', '.join(valid)}")
+
+
+def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:
+    """Build a registered model, e.g. ``create_model('resnet18', num_classes=10, zero_init_residual=True)``."""
+    check_model_options(name, kwargs)
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f'num_classes must be a positive integer, got {num_classes!r}')
-    builder = MODEL_REGISTRY[name]
-    options = inspect.signature(builder).parameters
-    if not any(p.kind == p.VAR_KEYWORD for p in options.values()):
-        valid = [k for k in options if k != 'num_classes']
-        for key in sorted(set(kwargs) - set(options)):  # a typo (blurpool) must not be silently ignored
-            close = difflib.get_close_matches(key, valid, n=2, cutoff=0.5)
-            hint = f" (did you mean {' or '.join(close)}?)" if close else ''
-            raise ValueError(f"model '{name}' has no option '{key}'{hint}; its options: {', '.join(valid)}")
-    return builder(num_classes=num_classes, **kwargs)
+    return MODEL_REGISTRY[name](num_classes=num_classes, **kwargs)
 
 
 def classifier_head_prefix(model: nn.Module) -> str:
@@ -150,9 +157,14 @@ def load_pretrained(model: nn.Module, state: Dict[str, torch.Tensor], source: st
     return f'loaded {source} (all layers, including the classifier head)'
 
 
+def model_options(model_cfg: Dict) -> Dict:
+    """The builder's keyword options in a ``policy.model`` config: all but name, num_classes and pretrained."""
+    return {k: v for k, v in model_cfg.items() if k not in ('name', 'num_classes', 'pretrained')}
+
+
 def build_model_from_cfg(model_cfg: Dict) -> nn.Module:
     """The adapter between a ``policy.model`` config dict and the factory, which never sees the config."""
-    kwargs = {k: v for k, v in model_cfg.items() if k not in ('name', 'num_classes', 'pretrained')}
+    kwargs = model_options(model_cfg)
     model = create_model(model_cfg['name'], model_cfg['num_classes'], **kwargs)
     if model_cfg.get('pretrained'):
         from ..checkpoint import model_state_from_file  # checkpoint loading is safe-only (weights_only)
