@@ -4,9 +4,11 @@ import json
 import logging
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Any, Dict
 
 import torch
@@ -73,6 +75,27 @@ def check_run_settings(cfg: EasyDict) -> None:
         raise ValueError(f'policy.model.name: {e.args[0]}') from None
     if cfg.resume and cfg.resume != 'auto' and not os.path.isfile(cfg.resume):
         raise CheckpointError(f'checkpoint not found: {cfg.resume}')
+
+
+@contextmanager
+def interrupt_guard():
+    """Ctrl-C raises KeyboardInterrupt as usual and is also remembered, as the callable this yields: Python
+    drops an exception raised inside a destructor or callback ("Exception ignored in ..."), and a run that went
+    on training after Ctrl-C would surprise its user; the loop checks after every batch."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
+        yield lambda: False
+        return
+    hits = []
+
+    def on_sigint(signum, frame):
+        hits.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield lambda: bool(hits)
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
 
 
 def prepare_config(cfg: EasyDict, data) -> None:
@@ -216,6 +239,10 @@ class TrainingRun:
 
     # ----- the loop -----
     def fit(self) -> Dict[str, Any]:
+        with interrupt_guard() as self._interrupted:
+            return self._fit()
+
+    def _fit(self) -> Dict[str, Any]:
         if self.cfg.resume:
             self.resume()  # first: a refused resume must leave the run's folder as it was
             if self.epoch >= self.cfg.policy.learn.train_epoch:
@@ -264,6 +291,8 @@ class TrainingRun:
             for batch in data.train_loader:
                 self.learner.train(batch)
                 self.batch += 1
+                if self._interrupted():  # a Ctrl-C that Python dropped (raised inside a destructor)
+                    raise KeyboardInterrupt
                 if every and self.learner.train_iter % every == 0 and self.batch < len(data.train_loader):
                     self.save(step_checkpoint_name(self.learner.train_iter))
                     self.log_hook.restart_clock()

@@ -187,3 +187,20 @@ def test_ctrl_c_names_the_checkpoint_to_resume_from(tiny_image_folder, tmp_path)
     newest = step_checkpoints(str(ckpt_dir))[-1]
     assert 'Traceback' not in err and f'interrupted; the newest checkpoint is {newest}' in err, err[-2000:]
     load_checkpoint(newest)  # complete: written atomically
+
+
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')  # the dropped exception itself
+def test_a_ctrl_c_that_python_drops_in_a_destructor_is_still_seen():
+    from dizoo_imgcls.train import interrupt_guard
+
+    class Finalizer:
+        def __del__(self):  # a KeyboardInterrupt raised in here is printed as "Exception ignored" and lost
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):  # the handler runs between bytecodes, here
+                pass
+
+    with interrupt_guard() as interrupted:
+        assert not interrupted()
+        Finalizer()  # collected at once: the exception is dropped, the run would go on
+        assert interrupted()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
