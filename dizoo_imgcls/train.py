@@ -82,7 +82,9 @@ def interrupt_guard():
     """Ctrl-C raises KeyboardInterrupt as usual and is also remembered, as the callable this yields: Python
     drops an exception raised inside a destructor or callback ("Exception ignored in ..."), and a run that went
     on training after Ctrl-C would surprise its user; the loop checks after every batch."""
-    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
+    # Signal handlers belong to the main thread; and a process started with Ctrl-C ignored (a background job of
+    # a script, nohup) keeps ignoring it.
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
         yield lambda: False
         return
     hits = []

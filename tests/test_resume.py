@@ -111,7 +111,9 @@ def _start(root, out, epochs):
             '--set', 'checkpoint.every_n_iters=2', '--set', 'checkpoint.keep_last=2']
     for item in SMALL_RUN:
         args += ['--set', item]
-    return subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C as in a terminal: a background job of a shell script (as CI may be) inherits SIGINT ignored
+    return subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _kill_during_write(proc, ckpt_dir, deadline):
@@ -199,8 +201,15 @@ def test_a_ctrl_c_that_python_drops_in_a_destructor_is_still_seen():
             for _ in range(1000):  # the handler runs between bytecodes, here
                 pass
 
-    with interrupt_guard() as interrupted:
-        assert not interrupted()
-        Finalizer()  # collected at once: the exception is dropped, the run would go on
-        assert interrupted()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, whatever ran pytest
+    try:
+        with interrupt_guard() as interrupted:
+            assert not interrupted()
+            Finalizer()  # collected at once: the exception is dropped, the run would go on
+            assert interrupted()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # started with Ctrl-C ignored: left ignored
+        with interrupt_guard() as interrupted:
+            assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN and not interrupted()
+    finally:
+        signal.signal(signal.SIGINT, inherited)
