@@ -83,7 +83,8 @@ def evaluate_checkpoint(path: str, data_root: str, overrides: Iterable[str] = ()
     reports go to ``report_dir(path)``.
     ``overrides`` are ``--set`` assignments of ``data.*`` / ``policy.eval.*`` keys."""
     state = load_checkpoint(path)
-    rebuild_checkpoint_model(path, state=state)  # every part of the file checked, each problem one clear line
+    # Every part of the file checked (each problem one clear line), and the model the policy evaluates.
+    model, _, _ = rebuild_checkpoint_model(path, state=state)
     for key in ('data.type', 'policy.eval.batch_size', 'policy.learn.amp', 'policy.learn.channels_last'):
         require_key(state['config'], key, path)
     cfg = config_from_checkpoint(state, path, data_root, overrides)
@@ -94,8 +95,7 @@ def evaluate_checkpoint(path: str, data_root: str, overrides: Iterable[str] = ()
     except ValueError as e:  # the classes differ
         raise CheckpointError(f'{path}: {e}') from None
     cfg.policy.learn.iters_per_epoch = 1
-    policy = ImageClassificationPolicy(cfg.policy, enable_field=['eval'])
-    policy.eval_mode.load_state_dict({'model': state['policy']['model']})
+    policy = ImageClassificationPolicy(cfg.policy, model=model, enable_field=['eval'])
     metric = DiagnosticMetric('acc1', data.num_classes, data.val_sampler)
     metrics, confusion = evaluate_pass(policy.eval_mode, data.val_loader, metric)
     shutdown_workers(data.val_loader)

@@ -8,7 +8,7 @@ from typing import Dict, List, Optional, Tuple
 
 from .decode import UnreadableImageError, is_hidden, load_rgb_array, resolve_decoder
 from .folder import EXPECTED_LAYOUT, DataLayoutError, check_split_classes, class_index, is_image_file, scan_split
-from .loader import default_num_workers
+from .loader import num_workers
 
 FILES_PER_TASK = 64
 
@@ -69,8 +69,7 @@ def check_data_folders(data_cfg) -> int:
         return 2
     everything = files['train'] + files['val']
     chunks = [everything[i:i + FILES_PER_TASK] for i in range(0, len(everything), FILES_PER_TASK)]
-    workers = data_cfg.get('num_workers')
-    workers = default_num_workers() if workers is None else workers
+    workers = num_workers(data_cfg)
     if workers == 0:  # data.num_workers=0: everything in this process, as the loaders would do
         bad = [item for chunk in chunks for item in _check_chunk(chunk, decoder)]
     else:

@@ -84,6 +84,12 @@ def default_num_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
 
 
+def num_workers(data_cfg: Dict) -> int:
+    """``data.num_workers``, or one per available core when it is None."""
+    workers = data_cfg.get('num_workers')
+    return default_num_workers() if workers is None else workers
+
+
 def collate_images(batch):
     """``default_collate``, except that the images of ``(image, label)`` items are stacked in NHWC memory.
 
@@ -162,8 +168,7 @@ def wrap_loaders(train_set, val_set, data_cfg: Dict, batch_size: int, eval_batch
                  world_size: int, seed: int, class_names: List[str],
                  display_names: Optional[List[str]] = None) -> ClassificationData:
     """Shard samplers and DataLoaders around any pair of map-style datasets."""
-    workers = data_cfg['num_workers']
-    workers = default_num_workers() if workers is None else workers
+    workers = num_workers(data_cfg)
     common = dict(
         num_workers=workers,
         pin_memory=torch.cuda.is_available(),
@@ -199,8 +204,7 @@ def build_eval_data(data_cfg: Dict, class_names: List[str], eval_batch_size: int
                              f'but the data has {data.class_names[:3]}...')
         return data
     val = val_split(data_cfg, {name: i for i, name in enumerate(class_names)}, allow_empty=False)
-    workers = data_cfg['num_workers']
-    workers = default_num_workers() if workers is None else workers
+    workers = num_workers(data_cfg)
     sampler = DistributedSampler(len(val), world_size, rank, shuffle=False)
     loader = DataLoader(val, batch_size=eval_batch_size, sampler=sampler, num_workers=workers,
                         pin_memory=torch.cuda.is_available(), collate_fn=collate_images)
