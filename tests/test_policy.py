@@ -128,6 +128,29 @@ def test_warmup_then_cosine():
     assert lr[99] < 0.001
 
 
+def test_cosine_ends_each_param_group_at_its_own_fraction_of_its_peak():
+    # Fine-tuning: head at 1.0, backbone at a tenth, a frozen group at 0. A single eta_min (torch's
+    # CosineAnnealingLR) would end every group at 0.05 and raise the frozen one from 0.
+    from dizoo_imgcls.policy.optim import build_lr_scheduler
+
+    peaks = [1.0, 0.1, 0.0]
+    optimizer = torch.optim.SGD([dict(params=[torch.nn.Parameter(torch.zeros(1))], lr=lr) for lr in peaks], lr=1.0)
+    scheduler = build_lr_scheduler(optimizer, 'cosine', total_iters=40, warmup_iters=8, warmup_start_factor=0.1,
+                                   final_lr_factor=0.05)
+    curves = []
+    for _ in range(40):
+        curves.append([group['lr'] for group in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    curves.append([group['lr'] for group in optimizer.param_groups])
+    for g, peak in enumerate(peaks):
+        lrs = [c[g] for c in curves]
+        assert lrs[0] == pytest.approx(0.1 * peak) and lrs[8] == pytest.approx(peak)
+        assert lrs[24] == pytest.approx(peak * (0.05 + 0.95 * 0.5))  # half-way through the cosine
+        assert lrs[40] == pytest.approx(0.05 * peak, abs=1e-12)
+        assert all(a >= b - 1e-12 for a, b in zip(lrs[8:], lrs[9:]))  # never rises after the warmup
+
+
 def test_warmup_then_step():
     lr = schedule('step', step_milestones=[50, 80], step_gamma=0.1)
     assert lr[10] == pytest.approx(1.0) and lr[49] == pytest.approx(1.0)

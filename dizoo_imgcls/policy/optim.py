@@ -1,9 +1,10 @@
 """Optimizer and per-iteration LR schedule, built from plain arguments (the policy adapts its config)."""
 from typing import Iterable, List, Sequence
 
+import math
+
 import torch
-from torch.optim.lr_scheduler import (CosineAnnealingLR, LinearLR, LRScheduler, MultiStepLR, OneCycleLR,
-                                      SequentialLR)
+from torch.optim.lr_scheduler import LinearLR, LRScheduler, MultiStepLR, OneCycleLR, SequentialLR
 
 LR_SCHEDULES = ('cosine', 'step', 'onecycle')
 
@@ -59,6 +60,24 @@ def build_optimizer(name: str, params: Iterable, lr: float, momentum: float = 0.
     raise ValueError(f"policy.learn.optimizer must be one of {OPTIMIZERS}, got '{name}'")
 
 
+class CosineToFactor(LRScheduler):
+    """Cosine decay of each param group from its own LR to ``final_factor`` x that LR over ``T_max`` steps.
+
+    torch's ``CosineAnnealingLR`` has one ``eta_min`` for all groups, which moves a group whose LR is below it
+    (a frozen backbone at 0, a backbone at a tenth of the head's LR) up instead of down. Closed form, so a
+    resumed scheduler gives the same LR as an uninterrupted one."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, T_max: int, final_factor: float = 0.0,
+                 last_epoch: int = -1) -> None:
+        self.T_max, self.final_factor = max(1, T_max), final_factor
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self) -> List[float]:
+        progress = min(self.last_epoch, self.T_max) / self.T_max
+        factor = self.final_factor + (1 - self.final_factor) * (1 + math.cos(math.pi * progress)) / 2
+        return [base_lr * factor for base_lr in self.base_lrs]
+
+
 def build_lr_scheduler(
         optimizer: torch.optim.Optimizer,
         schedule: str,
@@ -72,7 +91,7 @@ def build_lr_scheduler(
     """An LR scheduler to be stepped once per iteration.
 
     - ``cosine``: linear warmup from ``warmup_start_factor`` x peak, then cosine decay to
-      ``final_lr_factor`` x peak at ``total_iters``.
+      ``final_lr_factor`` x peak at ``total_iters`` (each param group relative to its own peak).
     - ``step``: linear warmup, then x ``step_gamma`` at each milestone (in iterations from the start).
     - ``onecycle``: torch's OneCycleLR (cosine up for ``warmup_iters``, cosine down), momentum left alone.
     """
@@ -81,7 +100,6 @@ def build_lr_scheduler(
     if total_iters < 1:
         raise ValueError(f'total_iters must be positive, got {total_iters}')
     warmup_iters = max(0, min(int(warmup_iters), total_iters - 1))
-    peak = optimizer.param_groups[0]['lr']
     if schedule == 'onecycle':
         return OneCycleLR(
             # OneCycleLR divides by each phase's length - 1: both phases need 2+ steps, hence the 2 spare steps.
@@ -92,7 +110,7 @@ def build_lr_scheduler(
             final_div_factor=warmup_start_factor / max(final_lr_factor, 1e-12),
         )
     if schedule == 'cosine':
-        main = CosineAnnealingLR(optimizer, T_max=total_iters - warmup_iters, eta_min=peak * final_lr_factor)
+        main = CosineToFactor(optimizer, T_max=total_iters - warmup_iters, final_factor=final_lr_factor)
     else:
         main = MultiStepLR(optimizer, milestones=[max(m - warmup_iters, 0) for m in step_milestones],
                            gamma=step_gamma)
