@@ -26,7 +26,8 @@ TOP_CONFIG = dict(
     log_every=20,
     # (int) Evaluate every this many epochs (and always after the last one).
     eval_every=1,
-    # (str) Resume from this checkpoint file, or 'auto' for the newest one in output_dir/exp_name/ckpt.
+    # (str) Resume from this checkpoint file, or 'auto' for the newest one in output_dir/exp_name/ckpt or in
+    # the output_dir/exp_name_<date>_<time>/ckpt folders that later runs of the experiment got.
     resume=None,
     # (bool) Deterministic kernels, for bit-exact repeat runs and resumes (can be slower).
     deterministic=False,

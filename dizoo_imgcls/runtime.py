@@ -1,7 +1,9 @@
 """Process-level plumbing: distributed init, logging, experiment folders, atomic JSON."""
+import glob
 import json
 import logging
 import os
+import re
 import sys
 from datetime import datetime
 from typing import Any, Tuple
@@ -9,6 +11,8 @@ from typing import Any, Tuple
 import torch
 import torch.distributed as dist
 from easydict import EasyDict
+
+from .checkpoint import step_checkpoints
 
 logger = logging.getLogger('dizoo_imgcls')
 
@@ -79,7 +83,7 @@ def experiment_dir(cfg: EasyDict) -> str:
         with open(restart_marker) as f:
             path = f.read().strip()
     elif cfg.resume == 'auto':
-        path = os.path.abspath(os.path.join(cfg.output_dir, cfg.exp_name))
+        path = newest_run_folder(os.path.abspath(os.path.join(cfg.output_dir, cfg.exp_name)))
     elif cfg.resume and os.path.basename(os.path.dirname(os.path.abspath(cfg.resume))) == 'ckpt':
         path = os.path.dirname(os.path.dirname(os.path.abspath(cfg.resume)))  # EXP/ckpt/file.pth.tar
     else:  # a new run, or one resumed from a checkpoint file kept outside any experiment folder
@@ -101,6 +105,23 @@ def experiment_dir(cfg: EasyDict) -> str:
     global _CURRENT_EXPERIMENT
     _CURRENT_EXPERIMENT = path
     return path
+
+
+def newest_run_folder(base: str) -> str:
+    """What ``--resume auto`` continues: of ``base`` and the ``base_YYMMDD_HHMMSS[_N]`` folders that later runs
+    of the same experiment got, the one whose newest step checkpoint was written last; ``base`` when none has
+    a checkpoint (the run then starts from scratch there)."""
+    stamped = re.compile(re.escape(os.path.basename(base)) + r'_\d{6}_\d{6}(_\d+)?')
+    candidates = [base] + [p for p in glob.glob(glob.escape(base) + '_*')
+                           if stamped.fullmatch(os.path.basename(p)) and os.path.isdir(p)]
+    newest, newest_time = base, None
+    for folder in candidates:
+        checkpoints = step_checkpoints(os.path.join(folder, 'ckpt'))
+        if checkpoints:
+            written = max(os.path.getmtime(p) for p in checkpoints)
+            if newest_time is None or written > newest_time:
+                newest, newest_time = folder, written
+    return newest
 
 
 def _claim_new_folder(base: str) -> str:

@@ -34,11 +34,12 @@ from .tb_visuals import TensorBoardVisuals, log_hparams
 logger = logging.getLogger('dizoo_imgcls')
 
 
-def log_skipped_files(dataset, tb, epoch: int) -> None:
-    """Datasets that replace unreadable files expose ``skipped_files()`` (a count over all workers)."""
+def log_skipped_files(dataset, tb, epoch: int, iteration: int) -> None:
+    """Datasets that replace unreadable files expose ``skipped_files()`` (a count over all workers). The
+    TensorBoard step is the training iteration, like every other scalar of the run."""
     if hasattr(dataset, 'skipped_files'):
         skipped = dataset.skipped_files()
-        tb.add_scalar('data/skipped', skipped, epoch)
+        tb.add_scalar('data/skipped', skipped, iteration)
         if skipped:
             logger.warning(f'epoch {epoch}: {skipped} unreadable training file(s) skipped so far (see train.log)')
 
@@ -300,7 +301,7 @@ class TrainingRun:
                     self.log_hook.restart_clock()
         self.epoch, self.batch = epoch, 0
         self.policy.learn_mode.set_attribute('epoch', epoch)
-        log_skipped_files(data.train_loader.dataset, self.tb, epoch)
+        log_skipped_files(data.train_loader.dataset, self.tb, epoch, self.learner.train_iter)
 
     def _evaluate(self, epoch: int):
         last = epoch == self.cfg.policy.learn.train_epoch

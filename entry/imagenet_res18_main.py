@@ -26,7 +26,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--demo', action='store_true',
                         help='train on the handwritten digits shipped with scikit-learn (no download)')
     parser.add_argument('--resume', default=None, metavar='PATH|auto',
-                        help="continue from a checkpoint, or 'auto' for the newest in output_dir/exp_name/ckpt")
+                        help="continue from a checkpoint, or 'auto' for the newest in output_dir/exp_name/ckpt "
+                             "(or in the exp_name_<date>_<time> folders of later runs)")
     parser.add_argument('--eval-only', action='store_true',
                         help='evaluate the --resume checkpoint on --data-root/val and write per-class reports')
     parser.add_argument('--check-data', action='store_true',

@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader
 
+from dizoo_imgcls.checkpoint import load_checkpoint, step_checkpoints
 from dizoo_imgcls.data.decode import read_image_file, simplejpeg
 from dizoo_imgcls.data.folder import ImageFolderSplit, class_index
 from dizoo_imgcls.data.transforms import EvalPreset, TrainPreset
@@ -156,6 +158,12 @@ def test_training_survives_the_corpus_and_names_each_bad_file_once(corpus, tmp_p
     val_files = len(ImageFolderSplit(str(root / 'val'), class_index(str(root / 'train')), allow_empty=True))
     assert files['val_bad'] and summary['eval_samples'] == val_files - len(files['val_bad'])
     assert f"{len(files['train_bad'])} unreadable training file(s) skipped" in result.stdout
+    events = EventAccumulator(str(tmp_path / 'runs' / 'bad' / 'tb'))
+    events.Reload()
+    skipped = [(e.step, e.value) for e in events.Scalars('data/skipped')]
+    epoch_ends = [load_checkpoint(p)['last_iter'] for p in step_checkpoints(str(tmp_path / 'runs' / 'bad' / 'ckpt'))]
+    assert len(epoch_ends) == 2 and epoch_ends[0] > 2  # the iteration axis of train/loss, not epochs 1 and 2
+    assert [step for step, _ in skipped] == epoch_ends and skipped[-1][1] == len(files['train_bad'])
 
     (root / 'val' / 'd_empty').mkdir(exist_ok=True)
     check = run_entry('--check-data', '--data-root', str(root))

@@ -213,3 +213,31 @@ def test_a_ctrl_c_that_python_drops_in_a_destructor_is_still_seen():
             assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN and not interrupted()
     finally:
         signal.signal(signal.SIGINT, inherited)
+
+
+def test_resume_auto_continues_the_experiment_folder_with_the_newest_checkpoint(tmp_path):
+    # A second run of an experiment whose folder was taken writes to exp_YYMMDD_HHMMSS; --resume auto must
+    # continue that one when it was the last to checkpoint, not the older run in exp/.
+    from dizoo_imgcls.runtime import experiment_dir, newest_run_folder
+
+    def run_folder(name, written, checkpoint='epoch_1_iter_5.pth.tar'):
+        ckpt = tmp_path / name / 'ckpt'
+        ckpt.mkdir(parents=True)
+        if checkpoint:
+            (ckpt / checkpoint).write_bytes(b'x')
+            os.utime(ckpt / checkpoint, (written, written))
+        return str(tmp_path / name)
+
+    base = str(tmp_path / 'exp')
+    assert newest_run_folder(base) == base  # nothing yet: a fresh start in exp/
+    run_folder('exp', 1000)
+    assert newest_run_folder(base) == base
+    second = run_folder('exp_261123_101500', 2000)
+    run_folder('exp_261123_101500_2', 500)  # older
+    run_folder('exp_261123_111500', 9000, checkpoint=None)  # started, never checkpointed
+    run_folder('exp_large', 9000)  # another experiment whose name starts alike
+    run_folder('exp_261123_1015', 9000)  # not a timestamp this code writes
+    assert newest_run_folder(base) == second
+    cfg = build_config(load_config_file(DEFAULT_CONFIG), [f'output_dir="{tmp_path}"', 'exp_name="exp"',
+                                                          'resume="auto"'])
+    assert experiment_dir(cfg) == second
