@@ -29,7 +29,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from dizoo_imgcls.config import ConfigError, build_config, load_config_file  # noqa: E402
-from dizoo_imgcls.summary import git_commit, package_versions  # noqa: E402
+from dizoo_imgcls.summary import git_commit, git_dirty, package_versions  # noqa: E402
 
 from _emit import emit  # noqa: E402  (benchmarks/ is on sys.path when a script here runs)
 
@@ -75,7 +75,7 @@ def environment(device: str) -> dict:
     cpu = next((line.split(':', 1)[1].strip() for line in open('/proc/cpuinfo') if line.startswith('model name')),
                platform.processor())
     commit = git_commit(REPO)
-    dirty = subprocess.run(['git', '-C', REPO, 'status', '--porcelain'], capture_output=True, text=True).stdout
+    dirty = git_dirty(REPO)
     return {
         'hardware': {'cpu': cpu, 'cores': len(os.sched_getaffinity(0)), 'device': device,
                      'gpu': torch.cuda.get_device_name(0) if device == 'cuda' else None},

@@ -1,4 +1,5 @@
-"""What a run reports about itself: peak memory, package versions, git commit and a hash of its config."""
+"""What a run reports about itself: peak memory, package versions, git commit (and whether the work tree
+had changes) and a hash of its config."""
 import hashlib
 import json
 import os
@@ -47,17 +48,31 @@ def package_versions() -> Dict[str, Optional[str]]:
     return versions
 
 
+def _git(folder: str, *args: str) -> Optional[str]:
+    """stdout of a git command in ``folder``, or None when git is missing, fails or hangs."""
+    try:
+        result = subprocess.run(['git', '-C', folder, *args], capture_output=True, text=True, timeout=5,
+                                check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout
+
+
 def git_commit(path: Optional[str] = None) -> Optional[str]:
     """The commit checked out in the git work tree holding ``path`` (default: this package), or None when
     there is none, git is not installed, or git does not answer within a few seconds."""
+    out = _git(path or os.path.dirname(os.path.abspath(__file__)), 'rev-parse', 'HEAD')
+    return (out or '').strip() or None
+
+
+def git_dirty(path: Optional[str] = None) -> Optional[bool]:
+    """Whether tracked files of that work tree differ from the commit (the run's code is not exactly the
+    commit's); None when there is no work tree or git does not answer."""
     folder = path or os.path.dirname(os.path.abspath(__file__))
-    try:
-        result = subprocess.run(['git', '-C', folder, 'rev-parse', 'HEAD'], capture_output=True, text=True,
-                                timeout=5, check=True)
-    except (OSError, subprocess.SubprocessError):
+    if git_commit(folder) is None:
         return None
-    commit = result.stdout.strip()
-    return commit or None
+    out = _git(folder, 'status', '--porcelain', '--untracked-files=no')
+    return None if out is None else bool(out.strip())
 
 
 def config_sha256(cfg: Dict[str, Any]) -> str:
@@ -80,5 +95,6 @@ def run_facts(cfg: Dict[str, Any], best: Optional[Dict[str, Any]], train_data_wa
         'cuda_max_allocated_mb': _rounded(cuda_max_allocated_mb()),
         'versions': package_versions(),
         'git_commit': git_commit(),
+        'git_dirty': git_dirty(),
         'config_sha256': config_sha256(cfg),
     }

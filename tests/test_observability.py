@@ -23,7 +23,7 @@ from dizoo_imgcls.data import DistributedSampler
 from dizoo_imgcls.hooks import TrainLoggerHook, use_progress_bar
 from dizoo_imgcls.metric import DiagnosticMetric, EvalDiagnostics, Mistake
 from dizoo_imgcls.runtime import setup_logging
-from dizoo_imgcls.summary import config_sha256, git_commit, package_versions, peak_rss_mb
+from dizoo_imgcls.summary import config_sha256, git_commit, git_dirty, package_versions, peak_rss_mb
 from dizoo_imgcls.tb_visuals import (IMAGE_TAGS, TensorBoardVisuals, confusion_image, image_grid, per_class_tags,
                                      spread_indices)
 from test_entry import run_tiny
@@ -228,7 +228,18 @@ def test_provenance_helpers(tmp_path):
     assert re.fullmatch(r'[0-9a-f]{64}', config_sha256(a))
     head = subprocess.run(['git', '-C', REPO, 'rev-parse', 'HEAD'], capture_output=True, text=True)
     assert git_commit() == (head.stdout.strip() if head.returncode == 0 else None)
-    assert git_commit(str(tmp_path)) is None  # not a work tree: no commit, no exception
+    assert git_commit(str(tmp_path)) is None and git_dirty(str(tmp_path)) is None  # not a work tree, no exception
+    repo = tmp_path / 'repo'
+    repo.mkdir()
+    git = ['git', '-C', str(repo), '-c', 'user.name=t', '-c', 'user.email=t@t']
+    subprocess.run(git + ['init', '-q'], check=True)
+    (repo / 'code.py').write_text('a = 1\n')
+    subprocess.run(git + ['add', 'code.py'], check=True)
+    subprocess.run(git + ['commit', '-q', '-m', 'c'], check=True)
+    (repo / 'notes.txt').write_text('untracked files do not change what runs\n')
+    assert re.fullmatch(r'[0-9a-f]{40}', git_commit(str(repo))) and git_dirty(str(repo)) is False
+    (repo / 'code.py').write_text('a = 2\n')
+    assert git_dirty(str(repo)) is True
     assert package_versions()['torch'] == torch.__version__.split('+')[0]
     assert peak_rss_mb() > 10
 
@@ -245,6 +256,7 @@ def test_short_run_writes_panels_summary_and_plain_console(tiny_image_folder, tm
     assert best['best']['metric']['acc1'] == best['history'][-1]['acc1']
     assert summary['peak_rss_mb'] > 10 and 0 <= summary['train_data_wait_share'] < 1
     assert summary['versions']['DI-engine'] and summary['versions']['dizoo_imgcls']
+    assert summary['git_commit'] == git_commit() and summary['git_dirty'] == git_dirty()
     assert summary['config_sha256'] == config_sha256(_compiled_config(exp))
     events = EventAccumulator(str(exp / 'tb'), size_guidance={'images': 0})
     events.Reload()
