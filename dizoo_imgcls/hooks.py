@@ -106,9 +106,10 @@ class TrainLoggerHook(LearnerHook):
         self._last_end: Optional[float] = None
         self._window, self._epoch = _Stats(), _Stats()
         self._iters_done = 0  # in this process: a resumed run's ETA must not count the iterations before it
-        self.images_seen = 0
+        self.images_seen = 0  # these three count this process; totals() adds the resumed run's
         self.train_seconds = 0.0
         self.data_wait_seconds = 0.0
+        self.carried_over: Dict[str, float] = {}
 
     def restart_clock(self) -> None:
         """Call before the first batch of an epoch and after a pause between batches (a checkpoint written), so
@@ -206,14 +207,25 @@ class TrainLoggerHook(LearnerHook):
                 self._tb.add_scalar(EVAL_TAGS.get(key, f'eval/{key}'), value, iteration)
         self._tb.flush()
 
+    def totals(self) -> Dict[str, float]:
+        """Images and seconds of training over the whole run: this process plus the ``carried_over`` totals of
+        the run it resumed (as its checkpoint recorded them)."""
+        prior = self.carried_over
+        return {'train_images': prior.get('train_images', 0) + self.images_seen,
+                'train_seconds': prior.get('train_seconds', 0.0) + self.train_seconds,
+                'data_wait_seconds': prior.get('data_wait_seconds', 0.0) + self.data_wait_seconds}
+
     @property
     def img_per_sec(self) -> float:
-        return self.images_seen / self.train_seconds if self.train_seconds else 0.0
+        """Training images per second over the whole run (resumed parts included)."""
+        t = self.totals()
+        return t['train_images'] / t['train_seconds'] if t['train_seconds'] else 0.0
 
     @property
     def data_wait_share(self) -> float:
-        """Share of the training wall time of this process spent waiting for data."""
-        return self.data_wait_seconds / self.train_seconds if self.train_seconds else 0.0
+        """Share of the training wall time spent waiting for data, over the whole run."""
+        t = self.totals()
+        return t['data_wait_seconds'] / t['train_seconds'] if t['train_seconds'] else 0.0
 
 
 class CheckpointHook(LearnerHook):

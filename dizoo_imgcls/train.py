@@ -134,7 +134,7 @@ class TrainingRun:
     """One run of ``train``: owns the policy, DI-engine learner and evaluator, and the resumable state."""
 
     def __init__(self, cfg: EasyDict) -> None:
-        self.start_time = time.time()
+        self.start_time, self._carried_wall = time.time(), 0.0
         self.cfg = cfg
         check_run_settings(cfg)
         self.rank, self.world_size = init_distributed(cfg.policy.cuda)
@@ -202,7 +202,13 @@ class TrainingRun:
             'config': to_plain(self.cfg),
             'class_names': list(self.data.class_names),
             'display_names': getattr(self.data, 'display_names', None),
+            # the run's cost so far, so that the summary of a resumed run covers all of it
+            'clock': {**self.log_hook.totals(), 'wall_seconds': self._wall_seconds()},
         }
+
+    def _wall_seconds(self) -> float:
+        """Seconds this run has taken: this process so far plus the resumed run's, up to its checkpoint."""
+        return self._carried_wall + time.time() - self.start_time
 
     def load_state_dict(self, state: Dict[str, Any], path: str) -> None:
         if state.get('format') != CHECKPOINT_FORMAT:
@@ -220,6 +226,9 @@ class TrainingRun:
         self.epoch, self.batch = state['position']['epoch'], state['position']['batch']
         self.best, self.best_epoch = state['best']['metric'], state['best']['epoch']
         self.history = list(state['history'])
+        clock = state.get('clock') or {}  # checkpoints written before it was recorded: this process only
+        self._carried_wall = clock.get('wall_seconds', 0.0)
+        self.log_hook.carried_over = {k: v for k, v in clock.items() if k != 'wall_seconds'}
         set_rng_state(state['rng'])
 
     def save(self, name: str) -> None:
@@ -349,7 +358,8 @@ class TrainingRun:
             'best_epoch': self.best_epoch,
             'eval_samples': metrics.get('samples'),
             'epochs': self.epoch,
-            'wall_seconds': round(time.time() - self.start_time, 2),
+            'wall_seconds': round(self._wall_seconds(), 2),  # resumed runs: all parts, each to its checkpoint
+            'train_images': self.log_hook.totals()['train_images'],
             'train_img_per_sec': round(self.log_hook.img_per_sec, 2),
             'world_size': self.world_size,
             'num_classes': self.data.num_classes,
