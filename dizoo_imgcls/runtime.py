@@ -24,6 +24,30 @@ class NullWriter:
         return lambda *args, **kwargs: None
 
 
+class LazyWriter:
+    """A TensorBoard ``SummaryWriter`` made on first use: a run that stops before it logs anything (a refused
+    resume) leaves no empty event file behind. ``flush`` and ``close`` before any use make nothing (DI-engine's
+    learner flushes in its destructor)."""
+
+    def __init__(self, logdir: str) -> None:
+        self._logdir, self._writer = logdir, None
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+    def __getattr__(self, name):
+        if self._writer is None:
+            from tensorboardX import SummaryWriter
+
+            self._writer = SummaryWriter(self._logdir)
+        return getattr(self._writer, name)
+
+
 def init_distributed(use_cuda: bool) -> Tuple[int, int]:
     """Join the process group torchrun describes in the environment; (rank, world_size)."""
     world_size = int(os.environ.get('WORLD_SIZE', '1'))

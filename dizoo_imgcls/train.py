@@ -15,7 +15,6 @@ import torch
 from ding.utils import set_pkg_seed
 from ding.worker import BaseLearner, MetricSerialEvaluator
 from easydict import EasyDict
-from tensorboardX import SummaryWriter
 
 from .checkpoint import (CHECKPOINT_FORMAT, CheckpointError, atomic_torch_save, latest_checkpoint, load_checkpoint,
                          one_line, prune_checkpoints, rng_state, set_aside_later_checkpoints, set_rng_state,
@@ -26,8 +25,8 @@ from .hooks import CheckpointHook, TrainLoggerHook
 from .metric import DiagnosticMetric
 from .model import check_model_options, model_options
 from .policy import ImageClassificationPolicy
-from .runtime import (NullWriter, elastic_restart_count, experiment_dir, init_distributed, set_deterministic,
-                      setup_logging, write_json)
+from .runtime import (LazyWriter, NullWriter, elastic_restart_count, experiment_dir, init_distributed,
+                      set_deterministic, setup_logging, write_json)
 from .summary import run_facts
 from .tb_visuals import TensorBoardVisuals, log_hparams
 
@@ -152,7 +151,7 @@ class TrainingRun:
         self.exp_dir = experiment_dir(cfg)
         self.ckpt_dir = os.path.join(self.exp_dir, 'ckpt')
         setup_logging(self.exp_dir, self.rank)
-        self.tb = SummaryWriter(os.path.join(self.exp_dir, 'tb')) if self.rank == 0 else NullWriter()
+        self.tb = LazyWriter(os.path.join(self.exp_dir, 'tb')) if self.rank == 0 else NullWriter()
         self.policy = ImageClassificationPolicy(cfg.policy, enable_field=['learn', 'eval'])
         self._build_workers()
         # TensorBoard image and per-class panels (rank 0); the run calls eval callbacks on rank 0 only.

@@ -97,6 +97,7 @@ def test_resume_with_another_schedule_or_model_is_refused_and_changes_nothing(ti
     run = train(small_cfg(tiny_image_folder, tmp_path, 1, 'sched'))
     config_file = os.path.join(run['exp_dir'], 'total_config.py')
     written = open(config_file).read()
+    events = sorted(os.listdir(os.path.join(run['exp_dir'], 'tb')))
     with pytest.raises(CheckpointError, match='different settings.*train_epoch: 1 -> 2'):
         train(small_cfg(tiny_image_folder, tmp_path, 2, 'sched', 'resume="auto"'))
     with pytest.raises(CheckpointError, match="different settings.*policy.model.name: 'resnet18' -> 'resnet34'"):
@@ -107,6 +108,7 @@ def test_resume_with_another_schedule_or_model_is_refused_and_changes_nothing(ti
     with pytest.raises(CheckpointError, match="does not fit policy.model.name='resnet18'.*size mismatch"):
         train(small_cfg(tiny_image_folder, tmp_path, 1, 'sched', 'resume="auto"', 'policy.model.num_classes=50'))
     assert open(config_file).read() == written  # the refused runs did not overwrite the run's config
+    assert sorted(os.listdir(os.path.join(run['exp_dir'], 'tb'))) == events  # nor add empty event files
     assert os.path.exists(os.path.join(run['exp_dir'], 'summary.json'))
 
 
