@@ -67,18 +67,19 @@ def load_labels(root: str, labels: Optional[str], devkit: Optional[str]) -> Tupl
     return read_devkit_labels(labels, meta), labels, words
 
 
-def list_val(val_dir: str) -> Tuple[Dict[str, str], Dict[str, str]]:
-    """({image stem: flat file name}, {file name: class folder} of the images already in class folders)."""
+def list_val(val_dir: str) -> Tuple[Dict[str, str], Dict[str, List[str]]]:
+    """({image stem: flat file name}, {image stem: the class folders it already sits in})."""
     flat, placed = {}, {}
     for entry in os.scandir(val_dir):
         if is_hidden(entry.name):
             continue
         if entry.is_dir():
             for name in os.listdir(entry.path):
-                placed[name] = entry.name
+                if not is_hidden(name):
+                    placed.setdefault(os.path.splitext(name)[0], []).append(entry.name)
         elif is_image_file(entry.name):
             flat[os.path.splitext(entry.name)[0]] = entry.name
-    return flat, placed
+    return flat, {stem: sorted(folders) for stem, folders in placed.items()}
 
 
 def plan_val_sort(root: str, labels: Dict[str, str], label_file: str) -> SortPlan:
@@ -86,9 +87,8 @@ def plan_val_sort(root: str, labels: Dict[str, str], label_file: str) -> SortPla
     val_dir = os.path.join(root, 'val')
     if not os.path.isdir(val_dir):
         raise LabelFileError(f'no validation folder at {val_dir} (expected ROOT/val/ILSVRC2012_val_*.JPEG)')
-    flat, placed = list_val(val_dir)
-    placed_stems = {os.path.splitext(name)[0]: cls for name, cls in placed.items()}
-    if not flat and not placed:
+    flat, placed_stems = list_val(val_dir)
+    if not flat and not placed_stems:
         raise LabelFileError(f'{val_dir} holds no images')
     mismatch = f'{label_file} does not match the images in {val_dir}'
     unlabelled = [flat[s] for s in flat if s not in labels]
@@ -99,14 +99,16 @@ def plan_val_sort(root: str, labels: Dict[str, str], label_file: str) -> SortPla
     if missing:
         raise LabelFileError(f'{mismatch}: it labels {len(missing)} image(s) that are not there, e.g. '
                              f'{examples(missing)}')
-    moved = [f'{cls}/{s} (label {labels[s]})' for s, cls in placed_stems.items() if s in labels and cls != labels[s]]
+    # An image in a wrong class folder, or in several (a stray copy), would be counted under a wrong label.
+    moved = [f'{cls}/{s} (label {labels[s]})' for s, folders in placed_stems.items() if s in labels
+             for cls in folders if cls != labels[s]]
     if moved:
         raise LabelFileError(f'{mismatch}: {len(moved)} image(s) already sit in another class folder, e.g. '
                              f'{examples(moved)}; was the folder sorted with a different label file?')
     check_known_classes(root, set(labels.values()), label_file)
     plan = SortPlan(val_dir, label_file, classes=len(set(labels.values())))
     for stem, name in sorted(flat.items()):
-        if placed_stems.get(stem) == labels[stem]:
+        if placed_stems.get(stem) == [labels[stem]]:
             plan.already_sorted += 1
         else:
             plan.to_place.append((os.path.join(val_dir, name), os.path.join(val_dir, labels[stem], name)))

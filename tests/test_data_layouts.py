@@ -123,6 +123,58 @@ def test_label_file_that_does_not_match_is_refused_before_any_change(tmp_path, c
     assert val_tree(tmp_path) == {}
 
 
+def test_label_files_saved_with_a_byte_order_mark_are_read(tmp_path):
+    make_flat_imagenet(tmp_path)
+    write_kaggle_labels(tmp_path)
+    for name in ('LOC_val_solution.csv', 'LOC_synset_mapping.txt'):  # as Windows editors save "UTF-8"
+        (tmp_path / name).write_text((tmp_path / name).read_text(), encoding='utf-8-sig')
+    assert prepare_main(['imagenet', '--root', str(tmp_path)]) == 0
+    assert val_tree(tmp_path) == expected_tree()
+    data = build_loaders(dict(DATA_CONFIG, root=str(tmp_path), image_size=16, num_workers=0), 2, 2)
+    assert data.display_names == ['tench', 'crane', 'parachute']
+
+
+@pytest.mark.parametrize('damage, message', [
+    ('utf16_csv', 'LOC_val_solution.csv: not UTF-8 text'),
+    ('utf16_ground_truth', 'ILSVRC2012_validation_ground_truth.txt: not UTF-8 text'),
+    ('garbage_meta', "meta.mat: cannot read the devkit synset table, is it the ILSVRC2012 devkit's meta.mat?"),
+])
+def test_unreadable_label_files_are_named_without_a_traceback(tmp_path, damage, message):
+    make_flat_imagenet(tmp_path)
+    if damage == 'utf16_csv':  # Excel's "Unicode text"
+        write_kaggle_labels(tmp_path)
+        csv_file = tmp_path / 'LOC_val_solution.csv'
+        csv_file.write_text(csv_file.read_text(), encoding='utf-16')
+    else:
+        write_devkit(tmp_path)
+        data = tmp_path / 'ILSVRC2012_devkit_t12' / 'data'
+        if damage == 'garbage_meta':
+            (data / 'meta.mat').write_bytes(b'MATLAB 5.0 MAT-file, truncated')
+        else:
+            truth = data / 'ILSVRC2012_validation_ground_truth.txt'
+            truth.write_text(truth.read_text(), encoding='utf-16')
+    result = subprocess.run([sys.executable, '-m', 'dizoo_imgcls.prepare', 'imagenet', '--root', str(tmp_path)],
+                            capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr
+    assert message in result.stderr, result.stderr
+    assert val_tree(tmp_path) == {}
+
+
+@pytest.mark.parametrize('image, stray_folder', [(1, 'n03'), (2, 'n01')])
+def test_a_stray_copy_in_another_class_folder_is_refused_whatever_the_folder_order(tmp_path, capsys, image,
+                                                                                      stray_folder):
+    # After sorting, a copy of an image dropped into a second class folder would be counted under two labels.
+    make_flat_imagenet(tmp_path)
+    write_kaggle_labels(tmp_path)
+    assert prepare_main(['imagenet', '--root', str(tmp_path)]) == 0
+    label = SYNSETS[VAL_LABELS[image - 1]][0]
+    assert stray_folder != label
+    (tmp_path / 'val' / stray_folder / val_name(image)).write_bytes((tmp_path / 'val' / val_name(image)).read_bytes())
+    assert prepare_main(['imagenet', '--root', str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f'{stray_folder}/{val_name(image)[:-5]} (label {label})' in err and 'another class folder' in err, err
+
+
 def test_command_line_without_labels_says_what_it_looked_for(tmp_path):
     make_flat_imagenet(tmp_path)
     result = subprocess.run([sys.executable, '-m', 'dizoo_imgcls.prepare', 'imagenet', '--root', str(tmp_path)],

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from dizoo_imgcls.data.sampler import DistributedSampler, TrainBatchSampler
@@ -61,3 +62,25 @@ def test_loader_workers_see_sampler_epoch():
         seen.append([int(x) for (batch, ) in loader for x in batch])
     assert sorted(seen[0]) == sorted(seen[1]) == list(range(12))
     assert seen[0] != seen[1]
+
+
+def test_neighbouring_seeds_do_not_share_orders_an_epoch_apart():
+    # with seed + epoch as the generator seed, seed 1's epoch 0 was seed 0's epoch 1
+    def order(seed, epoch):
+        sampler = DistributedSampler(50, seed=seed)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    assert order(1, 0) != order(0, 1) and order(2, 3) != order(3, 2)
+    assert order(3, 2) == order(3, 2)
+
+
+@pytest.mark.parametrize('num_samples, replicas, batch_size', [(5, 2, 1), (1, 2, 4), (3, 4, 2)])
+def test_shards_that_cannot_run_the_same_number_of_steps_are_refused_up_front(num_samples, replicas, batch_size):
+    # batch size 1 on uneven shards (3 and 2 samples: 3 and 2 steps), or fewer images than processes
+    with pytest.raises(ValueError, match=f'{num_samples} training images over {replicas} processes cannot give '
+                                         'every process the same'):
+        for rank in range(replicas):
+            TrainBatchSampler(DistributedSampler(num_samples, replicas, rank), batch_size)
+    for rank in range(2):  # batch size 2 on the same uneven shards is fine: 2 batches each
+        assert len(list(TrainBatchSampler(DistributedSampler(5, 2, rank), 2))) == 2

@@ -31,7 +31,7 @@ class LabelFileError(ValueError):
 def read_synset_words(path: str) -> Dict[str, str]:
     """``{synset id: words}`` from lines ``<id> <words>`` or ``<id>\\t<words>``."""
     words = {}
-    with open(path, encoding='utf-8') as f:
+    with open(path, encoding='utf-8-sig') as f:  # -sig: a byte-order mark (Windows editors) is not part of the id
         for line in f:
             parts = line.strip().split(None, 1)
             if parts:
@@ -100,7 +100,7 @@ def find_devkit_data(root: str) -> Optional[str]:
 def read_kaggle_labels(path: str) -> Dict[str, str]:
     """``{image stem: synset}`` from Kaggle's ``LOC_val_solution.csv``."""
     labels = {}
-    with open(path, newline='', encoding='utf-8') as f:
+    with open_label_text(path, newline='') as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None or [h.strip() for h in header[:2]] != ['ImageId', 'PredictionString']:
@@ -115,22 +115,48 @@ def read_kaggle_labels(path: str) -> Dict[str, str]:
     return labels
 
 
+class open_label_text:
+    """``open(path)`` for a UTF-8 label file, with or without a byte-order mark; a file in another encoding
+    (Excel's "Unicode text" is UTF-16) or a binary file raises ``LabelFileError`` naming it."""
+
+    def __init__(self, path: str, **kwargs) -> None:
+        self.path, self.file = path, open(path, encoding='utf-8-sig', **kwargs)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self.file.close()
+        if isinstance(exc, UnicodeDecodeError):
+            raise LabelFileError(f'{self.path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as '
+                                 'UTF-8 (or plain ASCII)') from exc
+        return False
+
+    def __iter__(self):
+        return iter(self.file)
+
+    def read(self) -> str:
+        return self.file.read()
+
+
 def read_devkit_synsets(meta_path: str) -> Dict[int, Tuple[str, str]]:
     """``{ILSVRC2012_ID: (synset, words)}`` of the leaf classes (the 1000 labels) in the devkit's ``meta.mat``."""
     from scipy.io import loadmat  # scipy comes with scikit-learn; only the devkit route needs it
 
     try:
         synsets = loadmat(meta_path, squeeze_me=True)['synsets']
-    except (OSError, ValueError, KeyError) as e:
-        raise LabelFileError(f'{meta_path}: cannot read the devkit synset table ({type(e).__name__}: {e})') from e
-    return {int(s['ILSVRC2012_ID']): (str(s['WNID']), str(s['words'])) for s in synsets if int(s['num_children']) == 0}
+        return {int(s['ILSVRC2012_ID']): (str(s['WNID']), str(s['words']))
+                for s in synsets if int(s['num_children']) == 0}
+    except Exception as e:  # scipy's MatReadError, NotImplementedError for v7.3 files, missing fields, ...
+        raise LabelFileError(f'{meta_path}: cannot read the devkit synset table, is it the ILSVRC2012 devkit\'s '
+                             f'meta.mat? ({type(e).__name__}: {e})') from e
 
 
 def read_devkit_labels(labels_path: str, meta_path: str) -> Dict[str, str]:
     """``{ILSVRC2012_val_%08d: synset}``: line i of the ground truth is the ID of validation image i."""
     id_to_synset = read_devkit_synsets(meta_path)
     labels = {}
-    with open(labels_path, encoding='utf-8') as f:
+    with open_label_text(labels_path) as f:
         lines = f.read().splitlines()
     while lines and not lines[-1].strip():
         lines.pop()  # trailing blank lines; one inside would shift every label after it, and is refused below

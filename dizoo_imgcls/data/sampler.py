@@ -8,8 +8,9 @@ class DistributedSampler(Sampler):
     Unlike ``torch.utils.data.DistributedSampler`` it never pads with duplicates: rank r takes positions
     r, r + W, r + 2W, ... of the epoch's permutation, so shard sizes differ by at most one. Evaluation
     therefore counts every sample once, and sums all-reduced across ranks equal the single-process ones.
-    ``set_epoch`` must be called before each epoch to get a new order (the seed is ``seed + epoch``, the
-    same on every rank, so the shards stay disjoint).
+    ``set_epoch`` must be called before each epoch to get a new order (seeded from ``seed`` and ``epoch``
+    together, the same on every rank, so the shards stay disjoint; runs with seeds s and s + 1 do not share
+    orders one epoch apart).
     """
 
     def __init__(self, num_samples: int, num_replicas: int = 1, rank: int = 0, shuffle: bool = True,
@@ -31,7 +32,7 @@ class DistributedSampler(Sampler):
     def __iter__(self):
         if self.shuffle:
             generator = torch.Generator()
-            generator.manual_seed(self.seed + self.epoch)
+            generator.manual_seed(self.seed * 1_000_003 + self.epoch)
             order = torch.randperm(self.num_samples, generator=generator).tolist()
         else:
             order = range(self.num_samples)
@@ -60,6 +61,13 @@ class TrainBatchSampler(BatchSampler):
     def __init__(self, sampler: Sampler, batch_size: int) -> None:
         super().__init__(sampler, batch_size, drop_last=False)
         self.skip_batches = 0
+        num_samples, replicas = getattr(sampler, 'num_samples', None), getattr(sampler, 'num_replicas', 1)
+        if num_samples is not None and num_samples // replicas < len(self):
+            # batch size 1 on uneven shards, or fewer images than processes: some rank would run fewer steps
+            # than the others, and its LR schedule (and so its weights) would drift from theirs
+            raise ValueError(f'{num_samples} training images over {replicas} processes cannot give every process '
+                             f'the same {len(self)} batches of at most {batch_size} image(s); use '
+                             'policy.learn.batch_size >= 2 and at least 2 images per process')
 
     def __len__(self) -> int:
         num_samples, replicas = getattr(self.sampler, 'num_samples', None), getattr(self.sampler, 'num_replicas', 1)
