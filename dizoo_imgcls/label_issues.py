@@ -144,12 +144,12 @@ def cross_validated_probabilities(cfg: EasyDict, files: LabelledFiles, folds: in
                         f'images, predicting {len(held_out)}')
             root = write_fold_tree(files, fold_of, fold, os.path.join(tmp, f'fold_{fold}'))
             summary = train(fold_config(cfg, root, fold, os.path.join(out_dir, 'folds')))
+            setup_logging(None)  # the fold's run pointed our log at its train.log: the next lines are not its
             checkpoint = latest_checkpoint(os.path.join(summary['exp_dir'], 'ckpt'))  # the last epoch, not the
             # best: choosing by accuracy on the held-out fold would let its labels leak into the model
             probs[held_out], readable[held_out], _ = predict_probabilities(
                 checkpoint, [files.absolute(i) for i in held_out], cfg.policy.eval.batch_size)
             gc.collect()  # the finished run (model, loader workers) sits in reference cycles: free it now
-    setup_logging(None)  # each fold run pointed our log at its own train.log
     return probs, readable
 
 

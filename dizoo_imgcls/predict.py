@@ -94,9 +94,13 @@ def rebuild_checkpoint_model(path: str, weights: str = 'model',
         require_key(config, key, path)
     state_dict = stored_weights(state, path, weights)
     class_names = checkpoint_class_names(state, path)
-    if model_cfg.get('num_classes') != len(class_names):
-        raise CheckpointError(f"{path}: policy.model.num_classes is {model_cfg.get('num_classes')!r} but "
+    num_classes = model_cfg.get('num_classes')
+    if not isinstance(num_classes, int) or num_classes < len(class_names):
+        raise CheckpointError(f"{path}: policy.model.num_classes is {num_classes!r} but "
                               f'{len(class_names)} class names are stored')
+    # A run may train a head larger than its folder's classes (policy.model.num_classes set by hand): its
+    # extra outputs were never a target, and get a name that says so.
+    class_names = class_names + [f'(unused output {i})' for i in range(len(class_names), num_classes)]
     try:
         model = build_model_from_cfg(dict(model_cfg, pretrained=None))  # the weights are the checkpoint's
         model.load_state_dict(state_dict)

@@ -137,6 +137,8 @@ def test_kfold_then_checkpoint_mode_on_generated_images(tiny_image_folder, tmp_p
     scores = [float(r['score']) for r in rows]
     assert scores == sorted(scores) and all(0 <= s <= 1 for s in scores)
     assert sorted(os.listdir(out / 'folds')) == ['fold_0', 'fold_1'] and (out / 'label_issues.html').exists()
+    assert 'fold 2/2' in result.stdout  # on the console, and in no fold's own train.log
+    assert not any('label issues:' in (out / 'folds' / f / 'train.log').read_text() for f in ('fold_0', 'fold_1'))
     checkpoint = latest_checkpoint(str(out / 'folds' / 'fold_0' / 'ckpt'))
     result = run_label_entry('--data-root', tiny_image_folder, '--split', 'val', '--checkpoint', checkpoint,
                              '--out-dir', str(tmp_path / 'val_out'))

@@ -277,6 +277,24 @@ def test_a_fine_tuned_checkpoint_predicts_without_the_weights_it_started_from(ch
     assert torch.equal(model(images), reference(images))
 
 
+def test_a_head_larger_than_the_class_list_predicts_with_its_extra_outputs_named(checkpoint_path, mixed_dir,
+                                                                                  tmp_path, capsys):
+    # Training accepts policy.model.num_classes above the folder's class count; such a checkpoint must predict.
+    state = load_checkpoint(checkpoint_path)
+    state['class_names'], state['display_names'] = list(COLOURS)[:2], list(DISPLAY)[:2]
+    wide = tmp_path / 'wide.pth.tar'
+    torch.save(state, wide)
+    code, out, err = run_predict(capsys, '--checkpoint', str(wide), '--input', str(mixed_dir), '--topk', '3',
+                                 '--format', 'json')
+    assert code == 0, err
+    names = {p['class_name'] for record in json.loads(out) for p in record['predictions']}
+    assert names <= set(DISPLAY[:2]) | {'(unused output 2)'} and '(unused output 2)' in names
+    state['class_names'] = state['display_names'] = list(COLOURS) + ['extra']  # more names than outputs
+    torch.save(state, wide)
+    code, out, err = run_predict(capsys, '--checkpoint', str(wide), '--input', str(mixed_dir))
+    assert code == 2 and 'policy.model.num_classes is 3 but 4 class names are stored' in err
+
+
 def run_exported(fmt, path, images):
     if fmt == 'torchscript':
         return torch.jit.load(path)(images)
