@@ -55,6 +55,11 @@ def write_devkit(folder) -> None:
     savemat(str(data / 'meta.mat'), {'synsets': np.array(rows, dtype=[(f, 'O') for f in fields])})
 
 
+def loaded_display_names(root) -> list:
+    """The class names a training run on ``root`` would show."""
+    return build_loaders(dict(DATA_CONFIG, root=str(root), image_size=16, num_workers=0), 2, 2).display_names
+
+
 def val_tree(root) -> dict:
     return {cls: sorted(os.listdir(root / 'val' / cls)) for cls in sorted(os.listdir(root / 'val'))
             if (root / 'val' / cls).is_dir()}
@@ -98,8 +103,7 @@ def test_devkit_labels_follow_meta_mat_order_and_words_are_kept(tmp_path):
     assert not list((tmp_path / 'val').glob('*.JPEG'))  # moved, not linked
     assert prepare_main(['imagenet', '--root', str(tmp_path)]) == 0  # nothing flat left: still fine
     assert (tmp_path / 'synset_words.txt').read_text().splitlines()[0] == 'n01 tench, Tinca tinca'
-    data = build_loaders(dict(DATA_CONFIG, root=str(tmp_path), image_size=16, num_workers=0), 2, 2)
-    assert data.display_names == ['tench', 'crane', 'parachute']
+    assert loaded_display_names(tmp_path) == ['tench', 'crane', 'parachute']
 
 
 @pytest.mark.parametrize('break_it, message', [
@@ -130,8 +134,7 @@ def test_label_files_saved_with_a_byte_order_mark_are_read(tmp_path):
         (tmp_path / name).write_text((tmp_path / name).read_text(), encoding='utf-8-sig')
     assert prepare_main(['imagenet', '--root', str(tmp_path)]) == 0
     assert val_tree(tmp_path) == expected_tree()
-    data = build_loaders(dict(DATA_CONFIG, root=str(tmp_path), image_size=16, num_workers=0), 2, 2)
-    assert data.display_names == ['tench', 'crane', 'parachute']
+    assert loaded_display_names(tmp_path) == ['tench', 'crane', 'parachute']
 
 
 @pytest.mark.parametrize('damage, message', [
@@ -190,5 +193,4 @@ def test_shared_display_names_stay_unique():
 
 
 def test_folder_without_mapping_has_no_display_names(tiny_image_folder):
-    data = build_loaders(dict(DATA_CONFIG, root=tiny_image_folder, image_size=16, num_workers=0), 2, 2)
-    assert data.display_names is None
+    assert loaded_display_names(tiny_image_folder) is None
