@@ -84,7 +84,7 @@ def evaluate_checkpoint(path: str, data_root: str, overrides: Iterable[str] = ()
     ``overrides`` are ``--set`` assignments of ``data.*`` / ``policy.eval.*`` keys."""
     state = load_checkpoint(path)
     # Every part of the file checked (each problem one clear line), and the model the policy evaluates.
-    model, _, _ = rebuild_checkpoint_model(path, state=state)
+    model, _, names = rebuild_checkpoint_model(path, state=state)  # display names, one per model output
     for key in ('data.type', 'policy.eval.batch_size', 'policy.learn.amp', 'policy.learn.channels_last'):
         require_key(state['config'], key, path)
     cfg = config_from_checkpoint(state, path, data_root, overrides)
@@ -96,7 +96,7 @@ def evaluate_checkpoint(path: str, data_root: str, overrides: Iterable[str] = ()
         raise CheckpointError(f'{path}: {e}') from None
     cfg.policy.learn.iters_per_epoch = 1
     policy = ImageClassificationPolicy(cfg.policy, model=model, enable_field=['eval'])
-    metric = DiagnosticMetric('acc1', data.num_classes, data.val_sampler)
+    metric = DiagnosticMetric('acc1', len(names), data.val_sampler)  # a head may be larger than the class list
     metrics, confusion = evaluate_pass(policy.eval_mode, data.val_loader, metric)
     shutdown_workers(data.val_loader)
     if not math.isfinite(metrics['loss']):
@@ -105,8 +105,7 @@ def evaluate_checkpoint(path: str, data_root: str, overrides: Iterable[str] = ()
     out_dir = report_dir(path)
     if rank == 0:
         setup_logging(None, rank)
-        names = state.get('display_names') or state['class_names']
-        write_reports(out_dir, list(names), confusion)
+        write_reports(out_dir, names, confusion)
         tta = f' acc1_tta {metrics["acc1_tta"]:.2f}' if 'acc1_tta' in metrics else ''
         size = f'{cfg.data.eval_image_size or cfg.data.image_size} px'
         logger.info(f'{path} on {data_root} at {size}: acc1 {metrics["acc1"]:.2f} acc5 {metrics["acc5"]:.2f} '

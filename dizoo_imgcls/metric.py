@@ -14,9 +14,13 @@ _LOWER_IS_BETTER = ('loss', )
 
 
 def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> Dict[int, int]:
-    """Number of samples whose target is among the top-k logits; k is clamped to the number of classes."""
+    """Number of samples whose target is among the top-k logits; k is clamped to the number of classes.
+
+    Tied logits (bf16 outputs have them) rank the lower class index first, the rule of ``argmax``, so top-1
+    agrees with the predictions of the confusion matrix and the mistakes list (``topk``'s order of ties is
+    unspecified, and on CPU it puts the higher index first)."""
     max_k = min(max(ks), logits.shape[1])
-    top = logits.topk(max_k, dim=1).indices
+    top = torch.sort(logits, dim=1, descending=True, stable=True).indices[:, :max_k]
     hit = top.eq(target.view(-1, 1))
     return {k: int(hit[:, :min(k, max_k)].any(dim=1).sum()) for k in ks}
 
@@ -61,11 +65,18 @@ class ImageClassificationMetric(IMetric):
         return out
 
     def reduce_mean(self, inputs: List[Dict[str, float]]) -> Dict[str, float]:
-        # A rank with no eval batch still all-reduces: it assumes the plain model's keys (no TTA / EMA variants).
-        keys = sorted(inputs[0]) if inputs else sorted([f'correct{k}' for k in self.topk] + ['loss_sum', 'samples'])
-        sums = torch.tensor([[float(batch[k]) for k in keys] for batch in inputs], dtype=torch.float64)
+        keys = set(inputs[0]) if inputs else {f'correct{k}' for k in self.topk} | {'loss_sum', 'samples'}
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if distributed:
+            # A rank with no eval batch (fewer val images than processes) does not know the TTA / EMA keys of the
+            # others: all ranks reduce the union of their keys, in the same order, or the all-reduce mismatches.
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, sorted(keys))
+            keys = set().union(*gathered)
+        keys = sorted(keys)
+        sums = torch.tensor([[float(batch.get(k, 0.0)) for k in keys] for batch in inputs], dtype=torch.float64)
         totals = sums.sum(dim=0) if len(inputs) else torch.zeros(len(keys), dtype=torch.float64)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if distributed:
             device = 'cuda' if dist.get_backend() == 'nccl' else 'cpu'
             totals = totals.to(device)
             dist.all_reduce(totals)
@@ -85,8 +96,8 @@ class ImageClassificationMetric(IMetric):
 
     def gt(self, metric1: Dict[str, float], metric2: Optional[Union[Dict[str, float], float]]) -> bool:
         """Whether ``metric1`` is at least as good as ``metric2`` on ``self.key`` (a number is a threshold)."""
-        if metric2 is None:
-            return True
+        if metric2 is None or (isinstance(metric2, dict) and self.key not in metric2):
+            return True  # no best yet, or one recorded under another metric_key (a resume that changed it)
         a = metric1[self.key]
         b = metric2[self.key] if isinstance(metric2, dict) else float(metric2)
         return a <= b if self.lower_is_better else a >= b
@@ -158,7 +169,8 @@ class DiagnosticMetric(ImageClassificationMetric):
         if not valid.all():
             logits, label = logits[valid], label[valid]
             indices = [i for i, keep in zip(indices, valid.tolist()) if keep]
-        confidence, predicted = torch.softmax(logits, dim=1).max(dim=1)
+        predicted = logits.argmax(dim=1)  # the first of tied logits, as top-1 counts it (topk_correct)
+        confidence = torch.softmax(logits, dim=1).gather(1, predicted.view(-1, 1)).view(-1)
         self._confusion += torch.bincount(label * self.num_classes + predicted,
                                           minlength=self.num_classes ** 2).view(self.num_classes, -1)
         self._keep(confidence, predicted, label, indices)

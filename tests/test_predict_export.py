@@ -278,7 +278,7 @@ def test_a_fine_tuned_checkpoint_predicts_without_the_weights_it_started_from(ch
 
 
 def test_a_head_larger_than_the_class_list_predicts_with_its_extra_outputs_named(checkpoint_path, mixed_dir,
-                                                                                  tmp_path, capsys):
+                                                                                  data_root, tmp_path, capsys):
     # Training accepts policy.model.num_classes above the folder's class count; such a checkpoint must predict.
     state = load_checkpoint(checkpoint_path)
     state['class_names'], state['display_names'] = list(COLOURS)[:2], list(DISPLAY)[:2]
@@ -289,6 +289,16 @@ def test_a_head_larger_than_the_class_list_predicts_with_its_extra_outputs_named
     assert code == 0, err
     names = {p['class_name'] for record in json.loads(out) for p in record['predictions']}
     assert names <= set(DISPLAY[:2]) | {'(unused output 2)'} and '(unused output 2)' in names
+    two_classes = tmp_path / 'two' / 'val'  # --eval-only on a val folder of the two named classes
+    two_classes.mkdir(parents=True)
+    for name in list(COLOURS)[:2]:
+        (two_classes / name).symlink_to(data_root / 'val' / name)
+    code = load_entry('imagenet_res18_main').main(['--eval-only', '--resume', str(wide), '--data-root',
+                                                   str(tmp_path / 'two'), '--set', 'data.num_workers=0'])
+    assert code == 0, capsys.readouterr().err
+    with open(tmp_path / 'eval' / 'confusion_matrix.csv') as f:
+        rows = list(csv.reader(f))
+    assert rows[0][1:] == DISPLAY[:2] + ['(unused output 2)'] and len(rows) == 4
     state['class_names'] = state['display_names'] = list(COLOURS) + ['extra']  # more names than outputs
     torch.save(state, wide)
     code, out, err = run_predict(capsys, '--checkpoint', str(wide), '--input', str(mixed_dir))
