@@ -68,6 +68,9 @@ def check_run_settings(cfg: EasyDict) -> None:
     if 'tta' in key.split('_') and not (ev.tta.flip or ev.tta.scales):
         raise ValueError(f"policy.eval.metric_key='{key}' needs test-time augmentation: set policy.eval.tta.flip=True "
                          'or policy.eval.tta.scales')
+    if cfg.data.type == 'overfit' and (ev.tta.flip or ev.tta.scales):  # (other non-image data: at the first eval)
+        raise ValueError("policy.eval.tta needs images; data.type='overfit' gives coordinates: leave "
+                         'policy.eval.tta.flip and policy.eval.tta.scales off')
     try:  # the model's name and options, checked before any folder is made
         check_model_options(cfg.policy.model.name, model_options(cfg.policy.model),
                             config_keys=('name', 'num_classes', 'pretrained'))

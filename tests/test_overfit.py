@@ -103,6 +103,15 @@ def test_mlp_layers_follow_the_options_and_bad_options_name_their_key():
         create_model('coord_mlp', 2, input_range=0)
 
 
+def test_test_time_augmentation_on_coordinates_is_refused_before_training(tmp_path):
+    user = load_config_file(CONFIG)
+    user['output_dir'] = str(tmp_path)
+    user['policy'].setdefault('eval', {})['tta'] = dict(flip=True)
+    with pytest.raises(ValueError, match="policy.eval.tta needs images; data.type='overfit'"):
+        train(build_config(user, source='test_overfit'))
+    assert os.listdir(tmp_path) == []  # refused before any folder was made
+
+
 # ----- the seed's finding, through train(): raw pixels fail, [-1, 1] inputs or BatchNorm converge -----
 # 'FIT' instead of OVERFIT keeps the budget one a CPU test can afford (on all seven letters a ReLU MLP is still
 # near 92% after 3,000 steps); the coordinates keep the seed's pixel scale (up to 499), which breaks the raw model.

@@ -135,6 +135,12 @@ def test_tta_views_and_probability_average():
     assert F.cross_entropy(avg, torch.tensor([1])).item() == pytest.approx(-math.log((pa[0, 1] + pb[0, 1]) / 2))
 
 
+def test_tta_on_inputs_that_are_not_images_is_refused():
+    with pytest.raises(ValueError, match=r'needs image batches \(N x C x H x W\), got inputs of shape \(8, 2\)'):
+        tta_views(torch.randn(8, 2), flip=True, scales=[])
+    assert len(tta_views(torch.randn(8, 2), flip=False, scales=[])) == 1  # no TTA: any input passes
+
+
 def test_eval_outputs_for_model_and_average_with_tta():
     flip_sensitive = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 3))
     images = torch.rand(5, 3, 4, 4)

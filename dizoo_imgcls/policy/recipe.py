@@ -74,7 +74,11 @@ class ExponentialMovingAverage(AveragedModel):
 
 def tta_views(images: torch.Tensor, flip: bool, scales: Sequence[float]) -> List[torch.Tensor]:
     """The batch as the model sees it under TTA: itself, its mirror image, and each rescaled copy
-    (antialiased bilinear, the side rounded to a multiple of 8 px)."""
+    (antialiased bilinear, the side rounded to a multiple of 8 px). Only image batches (N x C x H x W) have
+    views: TTA on other inputs (the overfit check's coordinates) is refused, not silently meaningless."""
+    if (flip or scales) and images.dim() != 4:
+        raise ValueError(f'policy.eval.tta (flip / scales) needs image batches (N x C x H x W), got inputs of '
+                         f'shape {tuple(images.shape)}; turn test-time augmentation off for this data')
     views = [images]
     if flip:
         views.append(images.flip(-1))
