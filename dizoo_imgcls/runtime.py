@@ -15,6 +15,9 @@ from easydict import EasyDict
 from .checkpoint import step_checkpoints
 
 logger = logging.getLogger('dizoo_imgcls')
+# A later run of an experiment whose folder is taken writes to <exp_name>_<RUN_STAMP>[_N] (experiment_dir);
+# --resume auto looks for these (newest_run_folder).
+RUN_STAMP, RUN_STAMP_PATTERN = '%y%m%d_%H%M%S', r'_\d{6}_\d{6}(_\d+)?'
 
 
 class NullWriter:
@@ -113,7 +116,7 @@ def experiment_dir(cfg: EasyDict) -> str:
     else:  # a new run, or one resumed from a checkpoint file kept outside any experiment folder
         path = os.path.abspath(os.path.join(cfg.output_dir, cfg.exp_name))
         if os.path.isdir(path) and os.listdir(path) and first_rank:
-            path = _claim_new_folder(f"{path}_{datetime.now().strftime('%y%m%d_%H%M%S')}")
+            path = _claim_new_folder(f'{path}_{datetime.now().strftime(RUN_STAMP)}')
     if dist.is_initialized():
         holder = [path]
         dist.broadcast_object_list(holder, src=0)
@@ -135,7 +138,7 @@ def newest_run_folder(base: str) -> str:
     """What ``--resume auto`` continues: of ``base`` and the ``base_YYMMDD_HHMMSS[_N]`` folders that later runs
     of the same experiment got, the one whose newest step checkpoint was written last; ``base`` when none has
     a checkpoint (the run then starts from scratch there)."""
-    stamped = re.compile(re.escape(os.path.basename(base)) + r'_\d{6}_\d{6}(_\d+)?')
+    stamped = re.compile(re.escape(os.path.basename(base)) + RUN_STAMP_PATTERN)
     candidates = [base] + [p for p in glob.glob(glob.escape(base) + '_*')
                            if stamped.fullmatch(os.path.basename(p)) and os.path.isdir(p)]
     newest, newest_time = base, None

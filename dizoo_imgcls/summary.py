@@ -68,10 +68,7 @@ def git_commit(path: Optional[str] = None) -> Optional[str]:
 def git_dirty(path: Optional[str] = None) -> Optional[bool]:
     """Whether tracked files of that work tree differ from the commit (the run's code is not exactly the
     commit's); None when there is no work tree or git does not answer."""
-    folder = path or os.path.dirname(os.path.abspath(__file__))
-    if git_commit(folder) is None:
-        return None
-    out = _git(folder, 'status', '--porcelain', '--untracked-files=no')
+    out = _git(path or os.path.dirname(os.path.abspath(__file__)), 'status', '--porcelain', '--untracked-files=no')
     return None if out is None else bool(out.strip())
 
 

@@ -68,9 +68,6 @@ def check_run_settings(cfg: EasyDict) -> None:
     if 'tta' in key.split('_') and not (ev.tta.flip or ev.tta.scales):
         raise ValueError(f"policy.eval.metric_key='{key}' needs test-time augmentation: set policy.eval.tta.flip=True "
                          'or policy.eval.tta.scales')
-    if cfg.data.type == 'overfit' and (ev.tta.flip or ev.tta.scales):  # (other non-image data: at the first eval)
-        raise ValueError("policy.eval.tta needs images; data.type='overfit' gives coordinates: leave "
-                         'policy.eval.tta.flip and policy.eval.tta.scales off')
     try:  # the model's name and options, checked before any folder is made
         check_model_options(cfg.policy.model.name, model_options(cfg.policy.model),
                             config_keys=('name', 'num_classes', 'pretrained'))
@@ -104,7 +101,12 @@ def interrupt_guard():
 
 
 def prepare_config(cfg: EasyDict, data) -> None:
-    """Fill in what the data decides: class count and iterations per epoch."""
+    """Fill in what the data decides: class count and iterations per epoch; refuse test-time augmentation of
+    samples that are not images (before any folder is made)."""
+    tta = cfg.policy.eval.tta
+    if not data.images and (tta.flip or tta.scales):
+        raise ValueError(f"policy.eval.tta needs images; data.type='{cfg.data.type}' gives other samples: leave "
+                         'policy.eval.tta.flip and policy.eval.tta.scales off')
     if cfg.policy.model.num_classes is None:
         cfg.policy.model.num_classes = data.num_classes
     elif cfg.policy.model.num_classes < data.num_classes:

@@ -11,6 +11,7 @@ mappings that give the class folders (``n01440764``) their human names (``tench`
 import csv
 import logging
 import os
+from contextlib import contextmanager
 from typing import Dict, List, Optional, Tuple
 
 logger = logging.getLogger('dizoo_imgcls')
@@ -115,28 +116,16 @@ def read_kaggle_labels(path: str) -> Dict[str, str]:
     return labels
 
 
-class open_label_text:
+@contextmanager
+def open_label_text(path: str, **kwargs):
     """``open(path)`` for a UTF-8 label file, with or without a byte-order mark; a file in another encoding
     (Excel's "Unicode text" is UTF-16) or a binary file raises ``LabelFileError`` naming it."""
-
-    def __init__(self, path: str, **kwargs) -> None:
-        self.path, self.file = path, open(path, encoding='utf-8-sig', **kwargs)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        self.file.close()
-        if isinstance(exc, UnicodeDecodeError):
-            raise LabelFileError(f'{self.path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as '
-                                 'UTF-8 (or plain ASCII)') from exc
-        return False
-
-    def __iter__(self):
-        return iter(self.file)
-
-    def read(self) -> str:
-        return self.file.read()
+    with open(path, encoding='utf-8-sig', **kwargs) as f:
+        try:
+            yield f
+        except UnicodeDecodeError as e:
+            raise LabelFileError(f'{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8 (or '
+                                 'plain ASCII)') from e
 
 
 def read_devkit_synsets(meta_path: str) -> Dict[int, Tuple[str, str]]:

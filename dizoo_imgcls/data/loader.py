@@ -74,6 +74,8 @@ class ClassificationData:
     eval_callbacks: List[Callable[[EvalEvent], None]] = field(default_factory=list)
     # Human names in class order (``tench`` for ``n01440764``) where the data has a synset mapping, else None.
     display_names: Optional[List[str]] = None
+    # Whether the samples are images (C x H x W): test-time augmentation flips and rescales only those.
+    images: bool = True
 
     @property
     def num_classes(self) -> int:

@@ -189,4 +189,5 @@ def build_overfit_loaders(data_cfg: Dict, batch_size: int, eval_batch_size: int,
     data = wrap_loaders(train_set, val_set, data_cfg, batch_size, eval_batch_size, rank, world_size, seed,
                         CLASS_NAMES)
     data.eval_callbacks.append(PredictionMapLogger(mask, val_set))
+    data.images = False  # pixel coordinates
     return data

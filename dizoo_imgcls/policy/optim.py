@@ -1,7 +1,6 @@
 """Optimizer and per-iteration LR schedule, built from plain arguments (the policy adapts its config)."""
-from typing import Iterable, List, Sequence
-
 import math
+from typing import Iterable, List, Sequence
 
 import torch
 from torch.optim.lr_scheduler import LinearLR, LRScheduler, MultiStepLR, OneCycleLR, SequentialLR
