@@ -11,7 +11,7 @@ from torchvision.transforms import v2
 
 from dizoo_imgcls.data.decode import EncodedImage, resolve_decoder, simplejpeg
 from dizoo_imgcls.data.folder import ImageFolderSplit, PathTable, class_index
-from dizoo_imgcls.data.loader import collate_images
+from dizoo_imgcls.data.loader import DATA_CONFIG, build_datasets, collate_images
 from dizoo_imgcls.data.transforms import EvalPreset, TrainPreset, decode_factor, sample_crop
 
 
@@ -51,7 +51,7 @@ def test_decode_factor_keeps_the_crop_at_least_output_size():
 def test_reduced_scale_decoding_changes_the_crop_only_within_resampling_noise(decoder, monkeypatch):
     factors = []
     decode = EncodedImage.decode
-    monkeypatch.setattr(EncodedImage, 'decode', lambda self, factor=1: factors.append(factor) or decode(self, factor))
+    monkeypatch.setattr(EncodedImage, 'decode', lambda self, factor=1, **kw: factors.append(factor) or decode(self, factor, **kw))
     data = smooth_jpeg(1000, 750)
     for preset_cls, kwargs in ((TrainPreset, dict(crop_scale=(0.5, 1.0), hflip=False)), (EvalPreset, {})):
         outputs = []
@@ -78,6 +78,33 @@ def test_decoders_agree_at_every_scale():
         a, b = EncodedImage(data, 'simplejpeg').decode(factor), EncodedImage(data, 'pil').decode(factor)
         assert a.shape == b.shape == (-(-375 // factor), -(-500 // factor), 3)
         assert np.abs(a.astype(int) - b).max() <= 1
+
+
+@pytest.mark.skipif(simplejpeg is None, reason='no simplejpeg')
+def test_fast_chroma_upsampling_only_in_full_size_training_decodes(monkeypatch, tmp_path):
+    data = smooth_jpeg(500, 375, quality=90)  # Pillow's default 4:2:0 chroma subsampling
+    accurate, fast = (EncodedImage(data).decode(1, fast_upsample=flag).astype(int) for flag in (False, True))
+    assert (accurate != fast).any() and np.abs(accurate - fast).mean() < 0.5  # a different filter, same image
+    calls = []
+    decode = EncodedImage.decode
+    monkeypatch.setattr(EncodedImage, 'decode', lambda self, factor=1, fast_upsample=False: calls.append(
+        (factor, fast_upsample)) or decode(self, factor, fast_upsample))
+    for size, factor in ((300, 1), (64, 4)):  # the whole 500x375 image: too small for 1/2 at 300 px; 1/4 at 64
+        outputs = []
+        for flag in (False, True):
+            torch.manual_seed(0)
+            outputs.append(TrainPreset(size, crop_scale=(1.0, 1.0), fast_upsample=flag)(EncodedImage(data)).float())
+        difference = (outputs[0] - outputs[1]).abs().mean()
+        assert (0 < difference < 0.5) if factor == 1 else difference == 0
+        assert calls[-2:] == [(factor, False), (factor, factor == 1)]
+    EvalPreset(300, crop_ratio=1.0)(EncodedImage(data))
+    assert calls[-1] == (1, False)  # eval decodes accurately
+    for split in ('train', 'val'):
+        (tmp_path / split / 'a').mkdir(parents=True)
+        (tmp_path / split / 'a' / '0.jpg').write_bytes(data)
+    for flag in (True, False):  # the config key reaches the training preset (on by default)
+        config = dict(DATA_CONFIG, root=str(tmp_path), image_size=32, **({} if flag else dict(jpeg_fast_upsample=False)))
+        assert build_datasets(config)[0].transform.fast_upsample is flag
 
 
 def test_eval_matches_torchvision_resize_and_center_crop():

@@ -40,6 +40,10 @@ DATA_CONFIG = dict(
     # (bool) Decode a JPEG at 1/2, 1/4 or 1/8 scale when its train or eval crop keeps at least image_size px per
     # side at that scale (the crop is chosen first, on the full-size image, so augmentation is unchanged).
     jpeg_draft=True,
+    # (bool) Training crops decoded at full JPEG size (too small for jpeg_draft's scaled decode) upsample the
+    # subsampled chroma by repetition instead of libjpeg's smoothing filter (simplejpeg only): ~11% less decode
+    # time, a mean pixel difference of ~0.25/255. Eval decodes always use the accurate filter.
+    jpeg_fast_upsample=True,
     # (str) JPEG decoder: 'auto' (simplejpeg, libjpeg-turbo's TurboJPEG API, when installed; else Pillow),
     # 'simplejpeg' or 'pil'. Other formats and JPEGs TurboJPEG refuses always go through Pillow.
     decoder='auto',
@@ -127,7 +131,8 @@ def build_datasets(data_cfg: Dict):
     train = ImageFolderSplit(
         os.path.join(root, 'train'), class_to_idx,
         TrainPreset(data_cfg['image_size'], data_cfg['train_crop_scale'], data_cfg['hflip'], reduced_decode=draft,
-                    auto_augment=data_cfg['auto_augment'], magnitude=data_cfg['randaugment_magnitude']),
+                    auto_augment=data_cfg['auto_augment'], magnitude=data_cfg['randaugment_magnitude'],
+                    fast_upsample=data_cfg['jpeg_fast_upsample']),
         decoder=data_cfg['decoder'],
     )
     return train, val_split(data_cfg, class_to_idx, allow_empty=True)
