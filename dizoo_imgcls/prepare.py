@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from .data.decode import is_hidden
-from .data.folder import DataLayoutError, is_image_file
+from .data.folder import DataLayoutError, entry_kind, is_image_file
 from .data.layouts import (DEVKIT_LABELS, DEVKIT_META, KAGGLE_LABELS, SYNSET_WORD_FILES, LabelFileError,
                            find_devkit_data, find_file, read_devkit_labels, read_devkit_synsets, read_kaggle_labels,
                            search_folders)
@@ -47,19 +47,25 @@ def examples(items) -> str:
 
 
 def load_labels(root: str, labels: Optional[str], devkit: Optional[str]) -> Tuple[Dict[str, str], str, Dict]:
-    """(``{image stem: synset}``, the label file, ``{synset: words}`` where the devkit gives them)."""
-    if labels is None:
+    """(``{image stem: synset}``, the label file, ``{synset: words}`` where the devkit gives them).
+
+    What is named wins over what is found: ``--labels`` over any file near the data, ``--devkit`` over a Kaggle
+    CSV near it. A devkit ground-truth file is read with the ``meta.mat`` of ``--devkit``, else with the one
+    beside it (the IDs are only meaningful with their own meta.mat), never with one found elsewhere."""
+    if labels is None and devkit is None:
         labels = find_file(root, [KAGGLE_LABELS])
     if labels is not None and labels.endswith('.csv'):
         return read_kaggle_labels(labels), labels, {}
-    data_dir = devkit if devkit is not None else find_devkit_data(root)
-    if labels is None and data_dir is not None:
+    if labels is not None:
+        data_dir = devkit if devkit is not None else os.path.dirname(os.path.abspath(labels))
+    else:
+        data_dir = devkit if devkit is not None else find_devkit_data(root)
+        if data_dir is None:
+            raise LabelFileError(f'no validation labels found for {root}: expected {KAGGLE_LABELS} (Kaggle) or '
+                                 f'ILSVRC2012_devkit_t12/data/{DEVKIT_LABELS} (devkit) in {root} or the '
+                                 f'{len(search_folders(root)) - 1} folders above it; pass --labels FILE')
         labels = os.path.join(data_dir, DEVKIT_LABELS)
-    if labels is None:
-        raise LabelFileError(f'no validation labels found for {root}: expected {KAGGLE_LABELS} (Kaggle) or '
-                             f'ILSVRC2012_devkit_t12/data/{DEVKIT_LABELS} (devkit) in {root} or the '
-                             f'{len(search_folders(root)) - 1} folders above it; pass --labels FILE')
-    meta = os.path.join(data_dir or os.path.dirname(labels), DEVKIT_META)
+    meta = os.path.join(data_dir, DEVKIT_META)
     if not os.path.isfile(meta):
         raise LabelFileError(f'{labels} needs the devkit {DEVKIT_META} that gives its IDs their synsets; none at '
                              f'{meta} (pass --devkit DIR, the devkit data folder)')
@@ -73,7 +79,7 @@ def list_val(val_dir: str) -> Tuple[Dict[str, str], Dict[str, List[str]]]:
     for entry in os.scandir(val_dir):
         if is_hidden(entry.name):
             continue
-        if entry.is_dir():
+        if entry_kind(entry) == 'dir':
             for name in os.listdir(entry.path):
                 if not is_hidden(name):
                     placed.setdefault(os.path.splitext(name)[0], []).append(entry.name)
@@ -189,7 +195,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     imagenet.add_argument('--dry-run', action='store_true', help='say what would be done, change nothing')
     imagenet.add_argument('--move', action='store_true', help='move the files instead of linking them')
     imagenet.add_argument('--labels', default=None, help=f'{KAGGLE_LABELS} or {DEVKIT_LABELS} (default: search)')
-    imagenet.add_argument('--devkit', default=None, help=f'devkit data folder with {DEVKIT_META} (default: search)')
+    imagenet.add_argument('--devkit', default=None, help=f'devkit data folder with {DEVKIT_META} (default: the folder of --labels, else search)')
     resize = sub.add_parser('resize', help='write a copy with every image at most --short-side px on its shorter side')
     resize.add_argument('--root', required=True, help='folder holding train/<class>/ and val/<class>/')
     resize.add_argument('--out', required=True, help='folder for the copy (new, empty, or an earlier copy to update)')

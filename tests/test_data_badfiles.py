@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from dizoo_imgcls.checkpoint import load_checkpoint, step_checkpoints
 from dizoo_imgcls.data.decode import read_image_file, simplejpeg
-from dizoo_imgcls.data.folder import ImageFolderSplit, class_index
+from dizoo_imgcls.data.folder import DataLayoutError, ImageFolderSplit, class_index
 from dizoo_imgcls.data.transforms import EvalPreset, TrainPreset
 from test_entry import run_entry
 
@@ -73,6 +73,9 @@ def make_bad_corpus(root) -> dict:
     for name, data in bad.items():
         (folder / name).write_bytes(data)
     os.symlink(str(root / 'nowhere.jpg'), folder / 'broken_link.jpg')
+    os.symlink('self_link.jpg', folder / 'self_link.jpg')  # a link to itself (ELOOP): unreadable, not a crash
+    os.mkfifo(root / 'pipe')
+    os.symlink(str(root / 'pipe'), folder / 'pipe.jpg')  # reading it would block forever: not listed
     Image.new('RGB', (48, 40), RED).convert('CMYK').save(folder / 'cmyk.jpg', 'JPEG')
     Image.new('RGBA', (48, 40), RED + (128,)).save(folder / 'rgba.png')
     palette = Image.new('RGB', (48, 40), RED).convert('P')
@@ -87,7 +90,7 @@ def make_bad_corpus(root) -> dict:
     unreadable = folder / 'no_permission.jpg'
     unreadable.write_bytes(jpeg_bytes())
     unreadable.chmod(0)
-    train_bad = [str(folder / n) for n in bad] + [str(folder / 'broken_link.jpg')]
+    train_bad = [str(folder / n) for n in bad] + [str(folder / 'broken_link.jpg'), str(folder / 'self_link.jpg')]
     if not os.access(unreadable, os.R_OK):  # root reads a chmod-000 file anyway: then it is a good image
         train_bad.append(str(unreadable))
     return {'train_bad': train_bad, 'val_bad': [str(root / 'val' / 'a_red' / 'truncated_val.jpg')],
@@ -110,6 +113,7 @@ def test_bad_files_are_skipped_logged_once_replaced_and_counted(corpus, caplog, 
     assert dataset.classes == ['a_red', 'b_green', 'c_blue', 'd_empty']  # the empty class keeps its index
     listed = {dataset.path(i) for i in range(len(dataset))}
     assert not any(os.path.basename(p).startswith('.') for p in listed)
+    assert str(root / 'train' / 'a_red' / 'pipe.jpg') not in listed
     with caplog.at_level(logging.WARNING, logger='dizoo_imgcls'):
         for _ in range(2):
             items = [dataset[i] for i in range(len(dataset))]
@@ -184,6 +188,18 @@ def test_a_symlink_loop_in_a_class_folder_is_a_layout_error_not_a_crash(tmp_path
         result = run_entry('--data-root', str(tmp_path), '--set', f'output_dir={tmp_path / "runs"}', *args)
         assert result.returncode == 2, result.stdout + result.stderr
         assert 'a folder already listed (a symlink loop' in result.stderr and 'Traceback' not in result.stderr
+
+
+def test_a_link_into_another_class_folder_is_a_layout_error(tmp_path):
+    """Its images would be read under two labels."""
+    write_good_images(tmp_path, 'train', 2)
+    (tmp_path / 'train' / 'a_red' / 'more').symlink_to(tmp_path / 'train' / 'c_blue')
+    with pytest.raises(DataLayoutError, match='a folder already listed'):
+        train_split(tmp_path)
+    os.remove(tmp_path / 'train' / 'a_red' / 'more')
+    (tmp_path / 'train' / 'c_blue' / 'more').symlink_to(tmp_path / 'train' / 'a_red')  # listed later: same
+    with pytest.raises(DataLayoutError, match='a folder already listed'):
+        train_split(tmp_path)
 
 
 def test_check_data_passes_a_clean_folder_without_training(tmp_path):

@@ -41,7 +41,7 @@ def write_kaggle_labels(folder, labels=VAL_LABELS) -> None:
     (folder / 'LOC_synset_mapping.txt').write_text(''.join(f'{wnid} {words}\n' for wnid, words in mapping))
 
 
-def write_devkit(folder) -> None:
+def write_devkit(folder, synsets=SYNSETS) -> None:
     from scipy.io import savemat
 
     data = folder / 'ILSVRC2012_devkit_t12' / 'data'
@@ -50,7 +50,7 @@ def write_devkit(folder) -> None:
     (data / 'ILSVRC2012_validation_ground_truth.txt').write_text(''.join(f'{i}\n' for i in VAL_LABELS) + '\n \n')
     fields = ['ILSVRC2012_ID', 'WNID', 'words', 'gloss', 'num_children', 'children', 'wordnet_height',
               'num_train_images']
-    rows = [(i, wnid, words, 'gloss', 0, np.zeros(0), 0, 1) for i, (wnid, words) in SYNSETS.items()]
+    rows = [(i, wnid, words, 'gloss', 0, np.zeros(0), 0, 1) for i, (wnid, words) in synsets.items()]
     rows.append((1001, 'n00001740', 'entity', 'gloss', 3, np.array([1, 2, 3]), 18, 0))  # not a label
     savemat(str(data / 'meta.mat'), {'synsets': np.array(rows, dtype=[(f, 'O') for f in fields])})
 
@@ -194,3 +194,35 @@ def test_shared_display_names_stay_unique():
 
 def test_folder_without_mapping_has_no_display_names(tiny_image_folder):
     assert loaded_display_names(tiny_image_folder) is None
+
+
+def test_an_image_labelled_twice_differently_is_refused(tmp_path, capsys):
+    make_flat_imagenet(tmp_path)
+    write_kaggle_labels(tmp_path)
+    path = tmp_path / 'LOC_val_solution.csv'
+    path.write_text(path.read_text().rstrip('\n') + f'\n{val_name(1)[:-5]},n03 1 2 3 4\n')  # image 1 is n01 above
+    assert prepare_main(['imagenet', '--root', str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f'{val_name(1)[:-5]} is labelled n03 here and n01 on an earlier line' in err, err
+    assert val_tree(tmp_path) == {}
+
+
+def test_named_label_files_win_over_found_ones_and_read_their_own_meta_mat(tmp_path, capsys):
+    """--labels GT.txt goes with the meta.mat beside it, not one found near the data; --devkit wins over a
+    Kaggle CSV near the data."""
+    make_flat_imagenet(tmp_path / 'data')
+    write_devkit(tmp_path / 'ours')
+    # A decoy devkit near the data, whose meta.mat gives the IDs other synsets, and a decoy Kaggle CSV.
+    write_devkit(tmp_path / 'data', synsets={1: SYNSETS[2], 2: SYNSETS[3], 3: SYNSETS[1]})
+    write_kaggle_labels(tmp_path / 'data', labels=[1, 1, 1, 1, 1, 1])
+    ours = tmp_path / 'ours' / 'ILSVRC2012_devkit_t12' / 'data'
+    assert prepare_main(['imagenet', '--root', str(tmp_path / 'data'), '--labels',
+                         str(ours / 'ILSVRC2012_validation_ground_truth.txt')]) == 0
+    assert val_tree(tmp_path / 'data') == expected_tree()
+    for cls in expected_tree():
+        for name in os.listdir(tmp_path / 'data' / 'val' / cls):
+            os.remove(tmp_path / 'data' / 'val' / cls / name)
+    capsys.readouterr()
+    assert prepare_main(['imagenet', '--root', str(tmp_path / 'data'), '--devkit', str(ours), '--dry-run']) == 0
+    out = capsys.readouterr().out
+    assert 'LOC_val_solution.csv' not in out and str(ours) in out, out

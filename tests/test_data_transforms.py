@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from dizoo_imgcls.data.decode import EncodedImage, resolve_decoder, simplejpeg
+from dizoo_imgcls.data.decode import EncodedImage, UnreadableImageError, resolve_decoder, simplejpeg
 from dizoo_imgcls.data.folder import ImageFolderSplit, PathTable, class_index
 from dizoo_imgcls.data.loader import DATA_CONFIG, build_datasets, collate_images
-from dizoo_imgcls.data.transforms import EvalPreset, TrainPreset, decode_factor, sample_crop
+from dizoo_imgcls.data.transforms import EvalPreset, TrainPreset, decode_factor, sample_crop, scale_box
 
 
 def smooth_jpeg(width: int, height: int, quality: int = 95) -> bytes:
@@ -105,6 +105,36 @@ def test_fast_chroma_upsampling_only_in_full_size_training_decodes(monkeypatch, 
     for flag in (True, False):  # the config key reaches the training preset (on by default)
         config = dict(DATA_CONFIG, root=str(tmp_path), image_size=32, **({} if flag else dict(jpeg_fast_upsample=False)))
         assert build_datasets(config)[0].transform.fast_upsample is flag
+
+
+@pytest.mark.parametrize('decoder', ['pil', pytest.param('simplejpeg', marks=pytest.mark.skipif(
+    simplejpeg is None, reason='no simplejpeg'))])
+def test_scaled_decode_boxes_map_by_the_factor_up_to_the_right_edge(decoder):
+    """1033 px decode at 1/8 to ceil(1033 / 8) = 130 px, but source x is decoded x / 8 exactly: a box near the right
+    edge must not drift by the rounding of the size (1000 * 130 / 1033 = 125.85 would give 126)."""
+    pixels = np.zeros((64, 1033, 3), np.uint8)
+    pixels[:, 1000:1008] = 255  # one 8 px block column: one decoded column at 1/8
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, 'JPEG', quality=95)
+    decoded = EncodedImage(buffer.getvalue(), decoder).decode(8)
+    assert decoded.shape[1] == 130 and int(decoded[:, :, 0].mean(0).argmax()) == 125
+    assert scale_box((0, 1000, 64, 8), (64, 1033), decoded.shape[:2], 8) == (0, 125, 8, 1)
+    assert scale_box((2, 3, 4, 5), (10, 10), (10, 10), 4) == (2, 3, 4, 5)  # not scaled (not a JPEG): 1:1
+
+
+@pytest.mark.parametrize('decoder', ['pil', pytest.param('simplejpeg', marks=pytest.mark.skipif(
+    simplejpeg is None, reason='no simplejpeg'))])
+def test_a_second_decode_at_another_scale_has_that_scale(decoder):
+    image = EncodedImage(smooth_jpeg(517, 333), decoder)
+    assert image.decode(4).shape == (84, 130, 3) and image.decode(1).shape == (333, 517, 3)
+
+
+def test_the_bomb_message_quotes_the_configured_limit(monkeypatch):
+    buffer = io.BytesIO()
+    Image.new('RGB', (100, 100)).save(buffer, 'PNG')
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 1000)  # Pillow itself refuses over 2x this, quoting 2000
+    with pytest.raises(UnreadableImageError, match=r'^10000 px is over the decompression-bomb limit of 1000 px'):
+        EncodedImage(buffer.getvalue())
 
 
 def test_eval_matches_torchvision_resize_and_center_crop():

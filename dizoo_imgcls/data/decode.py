@@ -8,6 +8,7 @@ raises ``UnreadableImageError`` whose message says why, so a dataset can skip it
 """
 import io
 import os
+import re
 import struct
 import warnings
 from contextlib import contextmanager
@@ -49,7 +50,10 @@ def describe_error(error: BaseException) -> str:
     if isinstance(error, UnreadableImageError):
         return str(error)
     if isinstance(error, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
-        return f'over the decompression-bomb limit (PIL.Image.MAX_IMAGE_PIXELS): {error}'
+        # Pillow's own message quotes twice the limit for the images it refuses outright; ours quotes the limit.
+        size = re.search(r'\((\d+) pixels\)', str(error))
+        return (f'{size.group(1) + " px is " if size else ""}over the decompression-bomb limit of '
+                f'{Image.MAX_IMAGE_PIXELS} px (PIL.Image.MAX_IMAGE_PIXELS)')
     if isinstance(error, UnidentifiedImageError):
         return 'not an image (Pillow cannot identify the file format)'
     if isinstance(error, OSError) and error.errno is not None:
@@ -137,7 +141,9 @@ class EncodedImage:
         return self._decode_pil(factor)
 
     def _decode_pil(self, factor: int) -> np.ndarray:
-        img = self._pil
+        # A Pillow image is drafted and loaded once: a later decode, perhaps at another scale, opens a fresh one.
+        img = self._pil if self._pil is not None else open_pil(self.data)
+        self._pil = None
         with unreadable_on_error():
             if factor > 1 and img.format == 'JPEG':
                 img.draft(img.mode if img.mode == 'CMYK' else 'RGB',

@@ -52,17 +52,31 @@ def class_index(train_dir: str) -> Dict[str, int]:
     """Sorted class folder names of ``train_dir`` mapped to 0..C-1."""
     if not os.path.isdir(train_dir):
         raise DataLayoutError(f'no training folder at {train_dir} (expected layout: {EXPECTED_LAYOUT})')
-    classes = sorted(e.name for e in os.scandir(train_dir) if e.is_dir() and not is_hidden(e.name))
+    classes = sorted(e.name for e in os.scandir(train_dir) if entry_kind(e) == 'dir' and not is_hidden(e.name))
     if not classes:
         raise DataLayoutError(f'{train_dir} has no class sub-folders (expected layout: {EXPECTED_LAYOUT})')
     return {name: i for i, name in enumerate(classes)}
 
 
+def entry_kind(entry: os.DirEntry) -> str:
+    """'dir', 'file', 'dangling' (a symlink to nothing or to itself) or 'other' (pipes, sockets, devices, and
+    symlinks to them: opening one for reading can block forever)."""
+    try:
+        if entry.is_dir():
+            return 'dir'
+        if entry.is_file():
+            return 'file'
+    except OSError:  # ELOOP: a symlink to itself, or a cycle of them
+        return 'dangling'
+    return 'dangling' if entry.is_symlink() and not os.path.exists(entry.path) else 'other'
+
+
 def list_image_files(folder: str, _listed: Optional[set] = None) -> List[str]:
     """Image files under ``folder`` (recursively, sorted), relative to it. Hidden files and folders are left
-    out, and so are pipes, sockets and devices (reading one would block); broken symlinks stay in, so the
-    loader reports them. A folder reached twice (a symlink loop, or a link to a folder already listed) is a
-    ``DataLayoutError``: its images would be listed forever, or twice."""
+    out, and so are pipes, sockets and devices and links to them (reading one would block); broken symlinks
+    stay in, so the loader reports them. A folder reached twice (a symlink loop, or a link to a folder already
+    listed; ``_listed`` carries the folders listed so far across calls) is a ``DataLayoutError``: its images
+    would be listed forever, or twice."""
     listed = set() if _listed is None else _listed
     real = os.path.realpath(folder)
     if real in listed:
@@ -74,9 +88,10 @@ def list_image_files(folder: str, _listed: Optional[set] = None) -> List[str]:
         for entry in entries:
             if is_hidden(entry.name):
                 continue
-            if entry.is_dir():
+            kind = entry_kind(entry)
+            if kind == 'dir':
                 found.extend(os.path.join(entry.name, name) for name in list_image_files(entry.path, listed))
-            elif (entry.is_file() or entry.is_symlink()) and is_image_file(entry.name):
+            elif kind in ('file', 'dangling') and is_image_file(entry.name):
                 found.append(entry.name)
     return sorted(found)
 
@@ -103,7 +118,7 @@ class PathTable:
 
 def check_split_classes(split_dir: str, class_to_idx: Dict[str, int]) -> None:
     """A split may lack classes of the index, but must not have classes that the index lacks."""
-    present = {e.name for e in os.scandir(split_dir) if e.is_dir() and not is_hidden(e.name)}
+    present = {e.name for e in os.scandir(split_dir) if entry_kind(e) == 'dir' and not is_hidden(e.name)}
     unknown = sorted(present - set(class_to_idx))
     if unknown:
         shown = ', '.join(unknown[:5]) + (' ...' if len(unknown) > 5 else '')
@@ -114,11 +129,12 @@ def check_split_classes(split_dir: str, class_to_idx: Dict[str, int]) -> None:
 def scan_split(split_dir: str, class_to_idx: Dict[str, int]) -> Tuple[List[str], List[int], List[str]]:
     """(relative paths, class indices, class folders with no image) of one split; sorted by class, then path."""
     paths, targets, empty = [], [], []
+    listed = set()  # one set for all classes: a link into another class folder would give its images two labels
     for name, index in sorted(class_to_idx.items(), key=lambda item: item[1]):
         folder = os.path.join(split_dir, name)
         if not os.path.isdir(folder):
             continue  # a val split may lack classes; train cannot (its folders define them)
-        files = list_image_files(folder)
+        files = list_image_files(folder, listed)
         if not files:
             empty.append(folder)
         paths.extend(os.path.join(name, f) for f in files)

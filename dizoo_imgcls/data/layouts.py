@@ -112,7 +112,10 @@ def read_kaggle_labels(path: str) -> Dict[str, str]:
                 continue  # blank lines (a trailing newline too many)
             if len(row) < 2 or not row[1].split():
                 raise LabelFileError(f'{path}:{line_no}: expected "<image id>,<synset> ...", got {row}')
-            labels[row[0].strip()] = row[1].split()[0]
+            image_id, synset = row[0].strip(), row[1].split()[0]
+            if labels.setdefault(image_id, synset) != synset:
+                raise LabelFileError(f'{path}:{line_no}: {image_id} is labelled {synset} here and '
+                                     f'{labels[image_id]} on an earlier line')
     return labels
 
 

@@ -27,7 +27,7 @@ from PIL import Image
 
 from .check import list_splits
 from .decode import UnreadableImageError, is_hidden, read_image_file
-from .folder import is_image_file
+from .folder import entry_kind, is_image_file
 from .layouts import SYNSET_WORD_FILES, search_folders
 from .transforms import decode_factor
 
@@ -207,7 +207,7 @@ def write_resized_copy(root: str, out: str, short_side: int, quality: int = 90, 
     start = time.time()
     # Every split and class folder, empty ones included, so the copy's class index is the source's.
     folders = {os.path.join(out, split, e.name) for split in SPLITS for e in os.scandir(os.path.join(root, split))
-               if e.is_dir() and not is_hidden(e.name)}
+               if entry_kind(e) == 'dir' and not is_hidden(e.name)}
     for folder in folders | {os.path.dirname(dst) for _, dst in jobs} | {os.path.join(out, s) for s in SPLITS}:
         os.makedirs(folder, exist_ok=True)
     # The settings go first: a build killed half-way is then recognised as this command's and resumed.

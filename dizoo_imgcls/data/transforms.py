@@ -56,14 +56,19 @@ def decode_factor(crop_height: float, crop_width: float, output_px: int) -> int:
     return next(k for k in JPEG_SCALE_FACTORS if k == 1 or short / k >= output_px)
 
 
-def scale_box(box: Sequence[float], source_hw: Tuple[int, int], decoded_hw: Tuple[int, int]) -> Box:
-    """A box in source pixels mapped to integer pixels of the decoded (possibly scaled-down) image."""
+def scale_box(box: Sequence[float], source_hw: Tuple[int, int], decoded_hw: Tuple[int, int], factor: int) -> Box:
+    """A box in source pixels mapped to integer pixels of the image decoded at 1/``factor`` scale.
+
+    A scaled JPEG decode maps source pixel x to x / factor exactly (each 8x8 block becomes a (8/factor)^2
+    one); its size, ceil(side / factor), is rounded up, so dividing by the size ratio instead would shift
+    boxes near the right and bottom edges by up to a decoded pixel. A decoder that returned the full size
+    anyway (not a JPEG) maps 1:1."""
     top, left, h, w = box
-    sy, sx = decoded_hw[0] / source_hw[0], decoded_hw[1] / source_hw[1]
-    dh = min(decoded_hw[0], max(1, int(round(h * sy))))
-    dw = min(decoded_hw[1], max(1, int(round(w * sx))))
-    dtop = min(decoded_hw[0] - dh, int(round(top * sy)))
-    dleft = min(decoded_hw[1] - dw, int(round(left * sx)))
+    s = 1.0 if tuple(decoded_hw) == tuple(source_hw) else 1.0 / factor
+    dh = min(decoded_hw[0], max(1, int(round(h * s))))
+    dw = min(decoded_hw[1], max(1, int(round(w * s))))
+    dtop = min(decoded_hw[0] - dh, int(round(top * s)))
+    dleft = min(decoded_hw[1] - dw, int(round(left * s)))
     return dtop, dleft, dh, dw
 
 
@@ -124,7 +129,7 @@ class TrainPreset:
         # At 1/2 scale and below libjpeg-turbo merges chroma upsampling into the scaled IDCT: the fast mode
         # saves nothing there (measured), so it only applies to full-size decodes.
         pixels = image.decode(factor, fast_upsample=self.fast_upsample and factor == 1)
-        out = resized_crop(pixels, scale_box(box, image.size_hw, pixels.shape[:2]), self.image_size)
+        out = resized_crop(pixels, scale_box(box, image.size_hw, pixels.shape[:2], factor), self.image_size)
         out = out.flip(-1) if self.hflip and flip_draw < 0.5 else out
         return self.auto_augment(out) if self.auto_augment is not None else out
 
@@ -145,7 +150,7 @@ class EvalPreset:
         box = ((height - side) / 2, (width - side) / 2, side, side)
         factor = decode_factor(side, side, self.image_size) if self.reduced_decode else 1
         pixels = image.decode(factor)
-        return resized_crop(pixels, scale_box(box, image.size_hw, pixels.shape[:2]), self.image_size)
+        return resized_crop(pixels, scale_box(box, image.size_hw, pixels.shape[:2], factor), self.image_size)
 
 
 def eval_image_size(data_cfg) -> int:
