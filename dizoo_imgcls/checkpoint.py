@@ -6,7 +6,8 @@ Layout (``CHECKPOINT_FORMAT``)::
     policy        ImageClassificationPolicy learn state: model, optimizer, lr_scheduler, [grad_scaler], epoch, iteration
     last_iter     DI-engine learner iteration counter (files: iter_N.pth.tar, epoch_E_iter_N.pth.tar, ckpt_best.pth.tar)
     position      {'epoch': epochs completed, 'batch': batches done in the running epoch}
-    rng           {'torch', 'numpy', 'python'} generator states
+    rng           {'torch', 'numpy', 'python'} generator states (rank 0's)
+    rng_per_rank  [rng of rank 0, rank 1, ...] under DDP, else None
     best          {'metric': {...} or None, 'epoch': int}
     history       [{'epoch', 'acc1', 'acc5', 'loss'}, ...] one entry per evaluated epoch
     config        the compiled config as plain dicts

@@ -89,16 +89,21 @@ class TrainLoggerHook(LearnerHook):
 
     Timing: ``step_time`` comes from the policy (forward, backward, update); the rest of the wall time
     between two iterations is spent waiting for data, reported as ``data`` and ``train/data_wait_share``.
+    ``global_batch_sizes`` (images per step of an epoch over all ranks) makes the image counts exact where the
+    ranks' last batches differ; without it a step counts this rank's batch x ``world_size``.
     """
 
     def __init__(self, tb_logger, log_every: int, total_iters: int, iters_per_epoch: int, world_size: int = 1,
-                 rank: int = 0, progress_bar: Optional[bool] = None, stream: Optional[TextIO] = None) -> None:
+                 rank: int = 0, progress_bar: Optional[bool] = None, stream: Optional[TextIO] = None,
+                 global_batch_sizes: Optional[list] = None) -> None:
         super().__init__('dizoo_imgcls_train_logger', priority=15, position='after_iter')
         self._tb = tb_logger
         self._every = max(1, int(log_every))
         self._total = total_iters
         self._per_epoch = iters_per_epoch
         self._world = world_size
+        self._global_batches = global_batch_sizes if global_batch_sizes and len(global_batch_sizes) == \
+            iters_per_epoch else None
         self._rank = rank
         self._stream = stream
         self.progress_bar = use_progress_bar(stream, rank) if progress_bar is None else progress_bar and rank == 0
@@ -121,7 +126,10 @@ class TrainLoggerHook(LearnerHook):
         out = engine.log_buffer['scalar']
         wall = now - self._last_end if self._last_end is not None else out['step_time']
         self._last_end = now
-        images = out['batch_size'] * self._world
+        if self._global_batches is not None:
+            images = self._global_batches[engine.last_iter.val % self._per_epoch]
+        else:
+            images = out['batch_size'] * self._world
         self.images_seen += images
         self.train_seconds += wall
         self.data_wait_seconds += max(wall - out['step_time'], 0.0)

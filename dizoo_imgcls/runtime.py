@@ -30,10 +30,14 @@ class NullWriter:
 class LazyWriter:
     """A TensorBoard ``SummaryWriter`` made on first use: a run that stops before it logs anything (a refused
     resume) leaves no empty event file behind. ``flush`` and ``close`` before any use make nothing (DI-engine's
-    learner flushes in its destructor)."""
+    learner flushes in its destructor).
+
+    ``purge_step`` (set by a resumed run before its first log): TensorBoard drops the events of earlier runs in the
+    folder from that step on, so the curves of a run resumed from an older checkpoint do not double back."""
 
     def __init__(self, logdir: str) -> None:
         self._logdir, self._writer = logdir, None
+        self.purge_step = None
 
     def flush(self) -> None:
         if self._writer is not None:
@@ -47,7 +51,7 @@ class LazyWriter:
         if self._writer is None:
             from tensorboardX import SummaryWriter
 
-            self._writer = SummaryWriter(self._logdir)
+            self._writer = SummaryWriter(self._logdir, purge_step=self.purge_step)
         return getattr(self._writer, name)
 
 
@@ -85,9 +89,12 @@ def setup_logging(exp_dir: str = None, rank: int = 0) -> None:
     console = logging.StreamHandler(sys.stdout)
     console.setFormatter(fmt)
     log.addHandler(console)
-    if exp_dir is not None and rank == 0:
-        file_handler = logging.FileHandler(os.path.join(exp_dir, 'train.log'))
+    if exp_dir is not None:
+        # appends, one line per write; the other ranks open the file only if they have something to add
+        file_handler = logging.FileHandler(os.path.join(exp_dir, 'train.log'), delay=rank != 0)
         file_handler.setFormatter(fmt)
+        if rank != 0:  # the other ranks add only the unreadable files they find in their shards
+            file_handler.addFilter(lambda record: getattr(record, 'bad_file', False))
         log.addHandler(file_handler)
 
 
@@ -171,6 +178,16 @@ def _elastic_restart_marker(cfg: EasyDict):
         return None
     name = str(cfg.exp_name).replace(os.sep, '_')  # exp_name may name a sub-folder (a/b); the marker is one file
     return os.path.join(os.path.abspath(cfg.output_dir), f'.{name}.torchrun-{run_id}')
+
+
+def remove_restart_marker(cfg: EasyDict) -> None:
+    """A finished job needs no marker (torchrun restarts only failed ones): leave no hidden file behind."""
+    marker = _elastic_restart_marker(cfg)
+    if marker is not None:
+        try:
+            os.remove(marker)
+        except FileNotFoundError:
+            pass
 
 
 def elastic_restart_count() -> int:

@@ -26,20 +26,21 @@ from .metric import DiagnosticMetric
 from .model import check_model_options, model_options
 from .policy import ImageClassificationPolicy
 from .runtime import (LazyWriter, NullWriter, elastic_restart_count, experiment_dir, init_distributed,
-                      set_deterministic, setup_logging, write_json)
+                      remove_restart_marker, set_deterministic, setup_logging, write_json)
 from .summary import run_facts
 from .tb_visuals import TensorBoardVisuals, log_hparams
 
 logger = logging.getLogger('dizoo_imgcls')
 
 
-def log_skipped_files(dataset, tb, epoch: int, iteration: int) -> None:
-    """Datasets that replace unreadable files expose ``skipped_files()`` (a count over all workers). The
-    TensorBoard step is the training iteration, like every other scalar of the run."""
+def log_skipped_files(dataset, tb, epoch: int, iteration: int, rank: int = 0) -> None:
+    """Datasets that replace unreadable files expose ``skipped_files()`` (a count over all workers), and
+    ``sync_skipped_files()``, the count over all DDP ranks (called by every rank). The TensorBoard step is the
+    training iteration, like every other scalar of the run."""
     if hasattr(dataset, 'skipped_files'):
-        skipped = dataset.skipped_files()
+        skipped = dataset.sync_skipped_files() if hasattr(dataset, 'sync_skipped_files') else dataset.skipped_files()
         tb.add_scalar('data/skipped', skipped, iteration)
-        if skipped:
+        if skipped and rank == 0:
             logger.warning(f'epoch {epoch}: {skipped} unreadable training file(s) skipped so far (see train.log)')
 
 
@@ -147,6 +148,11 @@ class TrainingRun:
         set_pkg_seed(cfg.seed + self.rank, use_cuda=cfg.policy.cuda and torch.cuda.is_available())
         self.data = build_loaders(cfg.data, cfg.policy.learn.batch_size, cfg.policy.eval.batch_size, self.rank,
                                   self.world_size, cfg.seed)
+        val_images = getattr(self.data.val_sampler, 'num_samples', None)
+        if val_images is not None and val_images < self.world_size:  # the same decision on every rank
+            raise ValueError(f'{val_images} validation image(s) for {self.world_size} processes: every process '
+                             f'evaluates a shard of its own and needs at least one image; add validation images '
+                             f'or start fewer processes')
         prepare_config(cfg, self.data)
         # The exact metric plus, in the same val pass, a confusion matrix and the most confident mistakes.
         self.metric = DiagnosticMetric(cfg.policy.eval.metric_key, cfg.policy.model.num_classes,
@@ -164,6 +170,7 @@ class TrainingRun:
         self.data.eval_callbacks.append(self.visuals)
         # Resumable progress: epochs completed, batches done in the running epoch, best metric, history.
         self.epoch, self.batch, self.best, self.best_epoch, self.history = 0, 0, None, 0, []
+        self._rank_rngs = None  # every rank's generator states, gathered where a checkpoint may be written
 
     def _build_workers(self) -> None:
         cfg = self.cfg
@@ -181,14 +188,16 @@ class TrainingRun:
                                    dist_info=(self.rank, 1), exp_name=exp_name)
         self.learner.register_hook(CheckpointHook(self.ckpt_dir, self.state_dict, self.rank))
         iters = cfg.policy.learn.iters_per_epoch
+        batches = getattr(self.data.train_loader.batch_sampler, 'global_batch_sizes', None)
         self.log_hook = TrainLoggerHook(self.tb, cfg.log_every, cfg.policy.learn.train_epoch * iters, iters,
-                                        self.world_size, self.rank)
+                                        self.world_size, self.rank, global_batch_sizes=batches() if batches else None)
         self.learner.register_hook(self.log_hook)
         eval_cfg = EasyDict(dict(cfg.policy.eval.evaluator))
         if eval_cfg.stop_value is None:  # DI-engine needs a number: one that is never reached
             eval_cfg.stop_value = float('-inf') if self.metric.lower_is_better else float('inf')
+        # Its own evaluator_iter/* and evaluator_step/* scalars would repeat eval/* (the latter at step -1).
         self.evaluator = MetricSerialEvaluator(eval_cfg, [self.data.val_loader, self.metric], self.policy.eval_mode,
-                                               self.tb, exp_name=exp_name)
+                                               NullWriter(), exp_name=exp_name)
         for ding_logger in ('learner_logger', 'evaluator_logger'):
             # DI-engine's tables stay in exp_dir/log/*; the console gets our one-line summaries instead.
             logging.getLogger(ding_logger).propagate = False
@@ -201,6 +210,8 @@ class TrainingRun:
             'last_iter': self.learner.last_iter.val,
             'position': {'epoch': self.epoch, 'batch': self.batch},
             'rng': rng_state(),
+            # Each rank draws its own Mixup/CutMix stream (seeded seed + rank): all are needed to resume exactly.
+            'rng_per_rank': self._rank_rngs if self.world_size > 1 else None,
             'best': {'metric': self.best, 'epoch': self.best_epoch},
             'history': list(self.history),
             'config': to_plain(self.cfg),
@@ -233,9 +244,17 @@ class TrainingRun:
         clock = state.get('clock') or {}  # checkpoints written before it was recorded: this process only
         self._carried_wall = clock.get('wall_seconds', 0.0)
         self.log_hook.carried_over = {k: v for k, v in clock.items() if k != 'wall_seconds'}
-        set_rng_state(state['rng'])
+        per_rank = state.get('rng_per_rank')
+        set_rng_state(per_rank[self.rank] if per_rank and len(per_rank) == self.world_size else state['rng'])
+
+    def _gather_rngs(self) -> None:
+        """Collect every rank's generator states for the next checkpoint (a collective: all ranks call it)."""
+        if self.world_size > 1:
+            self._rank_rngs = [None] * self.world_size
+            torch.distributed.all_gather_object(self._rank_rngs, rng_state())
 
     def save(self, name: str) -> None:
+        self._gather_rngs()
         if self.rank == 0:
             atomic_torch_save(self.state_dict(), os.path.join(self.ckpt_dir, name))
             prune_checkpoints(self.ckpt_dir, self.cfg.checkpoint.keep_last)
@@ -249,6 +268,8 @@ class TrainingRun:
         self.load_state_dict(load_checkpoint(path), path)
         if self.rank == 0:
             set_aside_later_checkpoints(self.ckpt_dir, self.learner.last_iter.val)
+            # What the superseded run logged after this checkpoint (its iterations >= last_iter + 1) is hidden.
+            self.tb.purge_step = self.learner.last_iter.val + 1
         # A new evaluator knows no best yet and would overwrite ckpt_best with the first, maybe worse, result.
         self.evaluator._max_avg_eval_result = self.best
         logger.info(f'resumed from {path}: epoch {self.epoch} done, {self.batch} batches into the next')
@@ -291,6 +312,8 @@ class TrainingRun:
                     f'was built for this length). Its results: {path}')
         shutdown_workers(self.data.train_loader, self.data.val_loader)
         self.tb.close()
+        if self.rank == 0:
+            remove_restart_marker(self.cfg)
         if os.path.isfile(path):
             with open(path) as f:
                 return json.load(f)
@@ -314,7 +337,7 @@ class TrainingRun:
                     self.log_hook.restart_clock()
         self.epoch, self.batch = epoch, 0
         self.policy.learn_mode.set_attribute('epoch', epoch)
-        log_skipped_files(data.train_loader.dataset, self.tb, epoch, self.learner.train_iter)
+        log_skipped_files(data.train_loader.dataset, self.tb, epoch, self.learner.train_iter, self.rank)
 
     def _evaluate(self, epoch: int):
         last = epoch == self.cfg.policy.learn.train_epoch
@@ -326,6 +349,7 @@ class TrainingRun:
         # the run's state (best, history), so the file records itself as the best.
         best_requests = []
         stop, metrics = self.evaluator.eval(best_requests.append, self.learner.train_iter)
+        self._gather_rngs()  # for ckpt_best, which only rank 0 writes
         self.log_hook.log_eval(metrics, epoch, self.learner.train_iter)
         if self.metric.gt(metrics, self.best):
             self.best, self.best_epoch = dict(metrics), epoch
@@ -387,6 +411,8 @@ class TrainingRun:
         self.evaluator.close()
         if self.rank != 0:
             shutil.rmtree(self._log_root, ignore_errors=True)
+        else:
+            remove_restart_marker(self.cfg)
         return summary
 
 

@@ -4,6 +4,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -11,6 +12,7 @@ import time
 import psutil
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import REPO
 from test_resume import SMALL_RUN
@@ -46,10 +48,20 @@ def test_two_process_steps_equal_one_process_on_the_combined_batch(tmp_path):
         assert (a[key] - init[key]).abs().max() > 1e-3, key
 
 
+MIXUP = ['policy.learn.mix.mixup_alpha=0.2', 'policy.learn.mix.cutmix_alpha=1.0']  # per-rank RNG streams
+
+
 def test_two_process_run_exact_eval_and_exactly_one_writer(tiny_image_folder, tmp_path):
     private_tmp = tmp_path / 'tmp'  # where rank 1 keeps DI-engine's logs while it runs
     private_tmp.mkdir()
-    result = run(TORCHRUN + entry_args(tiny_image_folder, tmp_path, 'ddp', 2), timeout=600,
+    # Unreadable files, which either rank may meet: counted over both, each named in train.log.
+    bad = [os.path.join(tiny_image_folder, 'train', cls, f'bad{i}.jpg') for i in range(2)
+           for cls in ('a_red', 'b_green', 'c_blue')]
+    for path in bad:
+        with open(path, 'wb') as f:
+            f.write(b'not a JPEG')
+    train_files = 12 * 3 + 1 + len(bad)  # odd: the ranks' shards (22 / 21) end in batches of 6 and 5
+    result = run(TORCHRUN + entry_args(tiny_image_folder, tmp_path, 'ddp', 2, *MIXUP), timeout=600,
                  env=dict(os.environ, TMPDIR=str(private_tmp)))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert not [n for n in os.listdir(private_tmp) if n.startswith('dizoo_imgcls_rank')]  # removed at the end
@@ -58,8 +70,18 @@ def test_two_process_run_exact_eval_and_exactly_one_writer(tiny_image_folder, tm
     summary = json.loads((exp / 'summary.json').read_text())
     assert summary['world_size'] == 2 and summary['eval_samples'] == 15  # 15 val images: not divisible by 2
     assert summary['epochs'] == 2
+    assert summary['train_images'] == 2 * train_files  # not 2 x 3 steps x 16
     events = [n for n in os.listdir(exp / 'tb') if n.startswith('events.out.tfevents')]
     assert len(events) == 1
+    accumulator = EventAccumulator(str(exp / 'tb'))
+    accumulator.Reload()
+    tags = accumulator.Tags()['scalars']
+    assert not [t for t in tags if t.startswith('evaluator_')] and 'eval/acc1' in tags  # DI-engine's copies: off
+    assert accumulator.Scalars('data/skipped')[-1].value == len(bad)
+    log = (exp / 'train.log').read_text()
+    # each named, at most once per rank (both may meet a file in the same epoch, before they compare notes)
+    assert all(1 <= log.count(path + ':') <= 2 for path in bad), log
+    assert not [n for n in os.listdir(tmp_path) if '.torchrun-' in n]  # the restart marker of a finished job
     assert sorted(os.listdir(exp / 'ckpt')) == ['ckpt_best.pth.tar', 'epoch_1_iter_3.pth.tar', 'epoch_2_iter_6.pth.tar']
     assert [p.name for p in (exp / 'log').iterdir()] and not list(tmp_path.glob('*rank1*'))
     # The same checkpoint evaluated by one process gives the same numbers as the 2-process evaluation.
@@ -80,6 +102,27 @@ def test_two_process_run_exact_eval_and_exactly_one_writer(tiny_image_folder, tm
         per_class = list(csv.DictReader(f))
     assert [(int(r['samples']), int(r['correct'])) for r in per_class] == [(5, matrix[i][i]) for i in range(3)]
     assert all(float(r['acc1']) == pytest.approx(100 * int(r['correct']) / 5) for r in per_class)
+    # Resumed under torchrun from the epoch-1 checkpoint, kept elsewhere: each rank gets back its own Mixup/CutMix
+    # stream, so epoch 2 is the uninterrupted run's.
+    kept = tmp_path / 'kept.pth.tar'
+    shutil.copy(exp / 'ckpt' / 'epoch_1_iter_3.pth.tar', kept)
+    resumed = run(TORCHRUN + entry_args(tiny_image_folder, tmp_path, 'ddp_resumed', 2, *MIXUP, f'resume="{kept}"'),
+                  timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    again = json.loads((tmp_path / 'ddp_resumed' / 'summary.json').read_text())
+    assert again['loss'] == pytest.approx(summary['loss'], abs=1e-6) and again['acc1'] == summary['acc1']
+
+
+def test_fewer_val_images_than_processes_is_refused_up_front(tiny_image_folder, tmp_path):
+    for cls in ('a_red', 'b_green', 'c_blue'):
+        shutil.rmtree(os.path.join(tiny_image_folder, 'val', cls))
+    os.makedirs(os.path.join(tiny_image_folder, 'val', 'a_red'))
+    shutil.copy(os.path.join(tiny_image_folder, 'train', 'a_red', '0.jpg'),
+                os.path.join(tiny_image_folder, 'val', 'a_red', '0.jpg'))
+    result = run(TORCHRUN + entry_args(tiny_image_folder, tmp_path, 'one_val', 1), timeout=300)
+    assert result.returncode != 0
+    assert '1 validation image(s) for 2 processes' in result.stdout + result.stderr
+    assert 'ZeroDivisionError' not in result.stdout + result.stderr
 
 
 def _rank_process(launcher: subprocess.Popen, rank: int, deadline: float) -> psutil.Process:

@@ -55,7 +55,7 @@ def test_user_image_dark_pixels_are_ink_and_it_is_resized(tmp_path):
 
 def test_missing_or_blank_image_is_an_error_naming_it(tmp_path):
     missing = tmp_path / 'nope.png'
-    with pytest.raises(FileNotFoundError, match=f'data.options.image_path.*{missing}'):
+    with pytest.raises(ValueError, match=f'data.options.image_path: no such file.*{missing}'):
         ink_mask(overfit_options({'image_path': str(missing)}))
     blank = save_gray(tmp_path / 'blank.png', np.full((20, 30), 255))
     with pytest.raises(ValueError, match='no pixels darker than data.options.ink_threshold'):

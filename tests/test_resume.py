@@ -94,6 +94,12 @@ def test_resume_from_an_older_checkpoint_keeps_both_histories_and_a_finished_run
     new_epoch3 = load_checkpoint(os.path.join(ckpt, 'epoch_3_iter_15.pth.tar'))
     assert new_epoch3['history'][-1]['epoch'] == 3 and os.path.isfile(os.path.join(ckpt, 'ckpt_best.pth.tar'))
     assert all(torch.equal(old_epoch3[k], v) for k, v in new_epoch3['policy']['model'].items())  # deterministic
+    # TensorBoard shows each step once: what the superseded run logged after iteration 5 is purged.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(os.path.join(exp, 'tb'))
+    events.Reload()
+    assert len(os.listdir(os.path.join(exp, 'tb'))) >= 2  # the first run's event file and the resumed one's
+    assert [e.step for e in events.Scalars('eval/acc1')] == [5, 10, 15]
 
 
 def test_resume_with_another_schedule_or_model_is_refused_and_changes_nothing(tiny_image_folder, tmp_path):

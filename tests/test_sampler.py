@@ -84,3 +84,12 @@ def test_shards_that_cannot_run_the_same_number_of_steps_are_refused_up_front(nu
             TrainBatchSampler(DistributedSampler(num_samples, replicas, rank), batch_size)
     for rank in range(2):  # batch size 2 on the same uneven shards is fine: 2 batches each
         assert len(list(TrainBatchSampler(DistributedSampler(5, 2, rank), 2))) == 2
+
+
+@pytest.mark.parametrize('num_samples, replicas, batch_size', [(43, 2, 8), (25, 3, 4), (16, 2, 8), (9, 1, 4)])
+def test_global_batch_sizes_are_what_the_ranks_load_together(num_samples, replicas, batch_size):
+    samplers = [TrainBatchSampler(DistributedSampler(num_samples, replicas, r), batch_size) for r in range(replicas)]
+    loaded = [[len(batch) for batch in sampler] for sampler in samplers]
+    expected = [sum(step) for step in zip(*loaded)]
+    assert all(s.global_batch_sizes() == expected for s in samplers)
+    assert sum(expected) == num_samples

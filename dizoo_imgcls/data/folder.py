@@ -184,6 +184,17 @@ class ImageFolderSplit(Dataset):
         """How many files turned out unreadable so far, over all worker processes (each counted once)."""
         return int(self._unreadable.sum())
 
+    def sync_skipped_files(self) -> int:
+        """``skipped_files()`` over all DDP ranks: a collective (every rank calls it) after which each rank also
+        knows the files the others found unreadable, and skips them without trying them again."""
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            device = 'cuda' if dist.get_backend() == 'nccl' else 'cpu'
+            merged = self._unreadable.to(device, copy=True)
+            dist.all_reduce(merged, op=dist.ReduceOp.MAX)
+            self._unreadable.copy_(merged.cpu())
+        return self.skipped_files()
+
     def __getitem__(self, index: int):
         if not self.replace_unreadable:
             return self._item_or_placeholder(index)
@@ -219,7 +230,9 @@ class ImageFolderSplit(Dataset):
         if not self._unreadable[index]:
             self._unreadable[index] = 1
             action = 'replaced by another sample' if self.replace_unreadable else 'left out of the metrics'
-            logger.warning(f'skipping unreadable image {self.path(index)}: {reason} ({action})')
+            # every rank writes these to train.log (runtime.setup_logging): each sees its own shard's files
+            logger.warning(f'skipping unreadable image {self.path(index)}: {reason} ({action})',
+                           extra={'bad_file': True})
 
     @staticmethod
     def _full_image(image) -> torch.Tensor:

@@ -82,7 +82,7 @@ def render_text(text: str, height_px: int, width_px: int, margin: float = 0.08) 
 def load_grayscale(path: str, height_px: int, width_px: int) -> np.ndarray:
     """The picture at ``path`` as grayscale uint8, resized to height x width px when it differs."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f'data.options.image_path: no such file: {path}')
+        raise ValueError(f'data.options.image_path: no such file: {path}')
     try:
         with Image.open(path) as image:
             gray = image.convert('L')

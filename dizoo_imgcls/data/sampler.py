@@ -87,6 +87,14 @@ class TrainBatchSampler(BatchSampler):
             sizes[-k:] = [total // k + (1 if i < total % k else 0) for i in range(k)]
         return sizes
 
+    def global_batch_sizes(self) -> list:
+        """Images per step of an epoch summed over all ranks (a rank's shard may be one image shorter)."""
+        num_samples, replicas = getattr(self.sampler, 'num_samples', None), getattr(self.sampler, 'num_replicas', 1)
+        if num_samples is None:
+            return [size * replicas for size in self.batch_sizes(len(self.sampler))]
+        per_rank = [self.batch_sizes(len(range(r, num_samples, replicas))) for r in range(replicas)]
+        return [sum(sizes) for sizes in zip(*per_rank)]
+
     def __iter__(self):
         indices = list(self.sampler)
         batches, start = [], 0
