@@ -1,10 +1,17 @@
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
+
+# Region-of-interest JPEG decoding (dizoo_imgcls/data/_jpeg_region.c): built where libjpeg-turbo's headers are
+# installed (Debian/Ubuntu: libjpeg-dev; macOS: brew install jpeg-turbo). Optional: where the build fails, pip
+# prints a warning, the install goes on, and the loader decodes whole JPEGs with simplejpeg instead (slower).
+JPEG_REGION = Extension('dizoo_imgcls.data._jpeg_region', ['dizoo_imgcls/data/_jpeg_region.c'], libraries=['jpeg'],
+                        extra_compile_args=['-O2'], optional=True)
 
 setup(
     name='dizoo_imgcls',
     version='0.1.0',
     description='Supervised image classification (ResNet and friends) as a DI-engine plugin',
     packages=find_packages(include=['dizoo_imgcls', 'dizoo_imgcls.*']),
+    ext_modules=[JPEG_REGION],
     python_requires='>=3.9',
     install_requires=[
         'DI-engine>=0.5.3,<0.6',

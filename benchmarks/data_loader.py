@@ -7,8 +7,8 @@ Sources: (a) the Imagenette folder as it is (224x224 JPEGs); (b) the same images
 typical 500x375 at JPEG quality 90 in a temporary folder. For each source, transform (train / eval) and
 output size it prints one JSON line: images/s, images/s per worker core (images/s / workers) and images per
 worker-CPU second (the same per-core figure measured from the workers' CPU time, so it holds up when other
-processes share the cores), for our loader, the stock one, ours with Pillow as JPEG decoder, and (train) ours
-exactly as train.py builds it; and the ratios to stock. Stock runs its own transform builders at that size
+processes share the cores), for our loader, the stock one, ours with Pillow as JPEG decoder, ours decoding whole
+JPEGs with simplejpeg (where 'auto' is the region decoder), and (train) ours exactly as train.py builds it; and the ratios to stock. Stock runs its own transform builders at that size
 (train: resize + center crop, no augmentation; eval: resize / 0.875 + center crop; float normalized output).
 Then (c): a pre-resized copy of (b) (``python -m dizoo_imgcls.prepare resize``, shorter side
 --resized-short-side px), its build time, and our loader reading it against stock reading (b) itself: what a
@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dizoo_imgcls.data import (DATA_CONFIG, build_datasets, collate_images, default_num_workers,  # noqa: E402
                                wrap_loaders)
-from dizoo_imgcls.data.decode import simplejpeg  # noqa: E402
+from dizoo_imgcls.data.decode import _jpeg_region, resolve_decoder, simplejpeg  # noqa: E402
 from dizoo_imgcls.data.resized_copy import write_resized_copy  # noqa: E402
 
 IMAGENET_SIZE = (500, 375)  # width, height of a typical ImageNet photo
@@ -63,6 +63,8 @@ def environment() -> dict:
         'torch': torch.__version__, 'pillow': Image.__version__,
         'libjpeg_turbo': features.version('libjpeg_turbo'),
         'simplejpeg': getattr(simplejpeg, '__version__', None) if simplejpeg else None,
+        'decoder_auto': resolve_decoder('auto'),
+        'region_decoder_libjpeg_turbo': _jpeg_region.LIBJPEG_TURBO_VERSION if _jpeg_region else None,
         'loadavg_1m_5m_15m': os.getloadavg(),
     }
 
@@ -169,6 +171,8 @@ def throughput_case(source: str, root: str, kind: str, size: int, args, stock_ro
                'stock': stock_loader(stock_root or root, kind, size, args)}
     if simplejpeg is not None:
         loaders['ours_pil_decoder'] = our_loader(root, kind, size, args, 'pil')
+    if resolve_decoder('auto') == 'region':
+        loaders['ours_simplejpeg_decoder'] = our_loader(root, kind, size, args, 'simplejpeg')
     if kind == 'train':
         loaders['ours_as_trained'] = as_trained_loader(root, size, args)
     result = {'case': 'throughput', 'source': source, 'transform': kind, 'size_px': size,

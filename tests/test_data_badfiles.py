@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.data import DataLoader
 
 from dizoo_imgcls.checkpoint import load_checkpoint, step_checkpoints
-from dizoo_imgcls.data.decode import read_image_file, simplejpeg
+from dizoo_imgcls.data.decode import _jpeg_region, read_image_file, simplejpeg
 from dizoo_imgcls.data.folder import DataLayoutError, ImageFolderSplit, class_index
 from dizoo_imgcls.data.transforms import EvalPreset, TrainPreset
 from test_entry import run_entry
@@ -23,7 +23,9 @@ from test_entry import run_entry
 RED = (200, 30, 30)
 CLASSES = {'a_red': RED, 'b_green': (30, 200, 30), 'c_blue': (30, 30, 200)}
 # simplejpeg comes with install_requires; where it is missing, 'auto' decodes with Pillow and only that path runs.
-DECODERS = ['pil', pytest.param('simplejpeg', marks=pytest.mark.skipif(simplejpeg is None, reason='no simplejpeg'))]
+DECODERS = ['pil', pytest.param('simplejpeg', marks=pytest.mark.skipif(simplejpeg is None, reason='no simplejpeg')),
+            pytest.param('region', marks=pytest.mark.skipif(_jpeg_region is None or simplejpeg is None,
+                                                            reason='the C extension was not built'))]
 
 
 def jpeg_bytes(colour=RED, size=(48, 40), mode='RGB') -> bytes:

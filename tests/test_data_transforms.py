@@ -9,10 +9,16 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from dizoo_imgcls.data.decode import EncodedImage, UnreadableImageError, resolve_decoder, simplejpeg
+from dizoo_imgcls.data.decode import (EncodedImage, UnreadableImageError, _jpeg_region, resolve_decoder, scale_box,
+                                     simplejpeg)
 from dizoo_imgcls.data.folder import ImageFolderSplit, PathTable, class_index
 from dizoo_imgcls.data.loader import DATA_CONFIG, build_datasets, collate_images
-from dizoo_imgcls.data.transforms import EvalPreset, TrainPreset, decode_factor, sample_crop, scale_box
+from dizoo_imgcls.data.transforms import EvalPreset, TrainPreset, decode_factor, sample_crop
+
+
+NO_SIMPLEJPEG = pytest.mark.skipif(simplejpeg is None, reason='no simplejpeg')
+NO_REGION = pytest.mark.skipif(_jpeg_region is None or simplejpeg is None, reason='the C extension was not built')
+DECODERS = ['pil', pytest.param('simplejpeg', marks=NO_SIMPLEJPEG), pytest.param('region', marks=NO_REGION)]
 
 
 def smooth_jpeg(width: int, height: int, quality: int = 95) -> bytes:
@@ -46,12 +52,12 @@ def test_decode_factor_keeps_the_crop_at_least_output_size():
     assert decode_factor(3000, 2000, 128) == 8
 
 
-@pytest.mark.parametrize('decoder', ['pil', pytest.param('simplejpeg', marks=pytest.mark.skipif(
-    simplejpeg is None, reason='no simplejpeg'))])
+@pytest.mark.parametrize('decoder', DECODERS)
 def test_reduced_scale_decoding_changes_the_crop_only_within_resampling_noise(decoder, monkeypatch):
     factors = []
-    decode = EncodedImage.decode
-    monkeypatch.setattr(EncodedImage, 'decode', lambda self, factor=1, **kw: factors.append(factor) or decode(self, factor, **kw))
+    decode_box = EncodedImage.decode_box
+    monkeypatch.setattr(EncodedImage, 'decode_box', lambda self, box, factor=1, **kw: factors.append(factor) or
+                        decode_box(self, box, factor, **kw))
     data = smooth_jpeg(1000, 750)
     for preset_cls, kwargs in ((TrainPreset, dict(crop_scale=(0.5, 1.0), hflip=False)), (EvalPreset, {})):
         outputs = []
@@ -65,13 +71,84 @@ def test_reduced_scale_decoding_changes_the_crop_only_within_resampling_noise(de
 
 
 def test_the_fast_jpeg_decoder_is_what_auto_picks():
-    """simplejpeg is an install requirement; a broken wheel would silently make every run decode with Pillow."""
-    if simplejpeg is None and os.environ.get('CI') != 'true':
-        pytest.skip('simplejpeg is not installed here (it is in CI, where this must not skip)')
-    assert resolve_decoder('auto') == 'simplejpeg' and EncodedImage(smooth_jpeg(16, 16)).turbo
+    """simplejpeg is an install requirement, and CI's machine has libjpeg-turbo's headers, so the region decoder is
+    built there: a broken wheel or a failed build would silently make every run decode slower."""
+    if (simplejpeg is None or _jpeg_region is None) and os.environ.get('CI') != 'true':
+        pytest.skip('simplejpeg or the C extension is missing here (both are in CI, where this must not skip)')
+    image = EncodedImage(smooth_jpeg(16, 16))
+    assert resolve_decoder('auto') == 'region' and image.turbo and image.region
+    assert _jpeg_region.LIBJPEG_TURBO_VERSION >= 1005000
 
 
-@pytest.mark.skipif(simplejpeg is None, reason='no simplejpeg')
+def jpeg_variants():
+    """JPEGs whose decoding takes different paths in libjpeg: chroma subsampling 4:2:0 / 4:2:2 / 4:4:4, grayscale,
+    progressive, restart markers, a size that is no multiple of the MCU."""
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:203, 0:301]
+    smooth = np.stack([x % 256, y + 20, 128 + 100 * np.sin(x / 9.0 + y / 13.0)], -1)
+    pixels = np.clip(smooth + rng.normal(0, 25, smooth.shape), 0, 255).astype(np.uint8)  # texture for the IDCT
+    variants = {}
+    for name, image, options in (('420', pixels, dict(subsampling=2)), ('422', pixels, dict(subsampling=1)),
+                                 ('444', pixels, dict(subsampling=0)), ('gray', pixels[..., 0], {}),
+                                 ('progressive', pixels, dict(progressive=True)),
+                                 ('restarts', pixels, dict(restart_marker_blocks=3))):
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, 'JPEG', quality=90, **options)
+        variants[name] = buffer.getvalue()
+    return variants
+
+
+@NO_REGION
+def test_region_decoding_gives_the_pixels_of_a_whole_decode():
+    rng = np.random.default_rng(1)
+    for name, data in jpeg_variants().items():
+        region, whole = EncodedImage(data, 'region'), EncodedImage(data, 'simplejpeg')
+        assert region.region, name
+        for factor in (1, 2, 4, 8):
+            for fast in (False, True):
+                full = whole.decode(factor, fast_upsample=fast)
+                assert full.ndim == 3 and full.shape[2] == 3
+                boxes = [(0, 0, 203, 301), (202, 300, 1, 1), (0, 150, 203, 1), (37, 0, 1, 301)]
+                for _ in range(12):
+                    h, w = rng.integers(1, 204), rng.integers(1, 302)
+                    boxes.append((rng.integers(0, 204 - h), rng.integers(0, 302 - w), h, w))
+                for box in boxes:
+                    top, left, h, w = scale_box(box, (203, 301), full.shape[:2], factor)
+                    crop = region.decode_box(box, factor, fast_upsample=fast)
+                    assert crop.flags.writeable and crop.flags.c_contiguous
+                    np.testing.assert_array_equal(crop, full[top:top + h, left:left + w], err_msg=f'{name} {box}')
+
+
+@NO_REGION
+def test_region_decoding_leaves_damaged_and_odd_files_to_the_whole_image_path(monkeypatch):
+    calls = []
+    decode_region = _jpeg_region.decode_region
+    monkeypatch.setattr(_jpeg_region, 'decode_region', lambda *a: calls.append(a[1:]) or decode_region(*a))
+    data = jpeg_variants()['420']
+    truncated = EncodedImage(data[:len(data) // 2], 'region')  # no end-of-image marker: not decoded by region
+    assert not truncated.region
+    with pytest.raises(UnreadableImageError, match='truncated'):
+        truncated.decode_box((0, 0, 10, 10))
+    assert calls == []
+    buffer = io.BytesIO()
+    Image.new('CMYK', (40, 30), (0, 255, 255, 0)).save(buffer, 'JPEG')  # libjpeg has no CMYK -> RGB conversion
+    cmyk = EncodedImage(buffer.getvalue(), 'region')
+    crop = cmyk.decode_box((5, 5, 10, 20))
+    assert len(calls) == 1 and crop.shape == (10, 20, 3) and crop[..., 0].min() > 200 and crop[..., 1].max() < 50
+    damaged = bytearray(data)
+    damaged[len(data) // 3:len(data) // 3 + 200] = bytes(200)  # zeros in the middle of the entropy-coded data
+    image = EncodedImage(bytes(damaged), 'region')
+    try:  # libjpeg warns on it: the region decode fails, the whole-image path (Pillow) decides
+        crop = image.decode_box((0, 0, 203, 301))
+        assert crop.shape == (203, 301, 3)
+    except UnreadableImageError:
+        pass
+    assert len(calls) == 2
+    with pytest.raises(IndexError, match='outside'):  # a box outside the image is a bug, never silently clipped
+        decode_region(data, 1, 200, 0, 10, 10, False)
+
+
+@NO_SIMPLEJPEG
 def test_decoders_agree_at_every_scale():
     data = smooth_jpeg(500, 375, quality=90)
     for factor in (1, 2, 4, 8):
@@ -80,15 +157,15 @@ def test_decoders_agree_at_every_scale():
         assert np.abs(a.astype(int) - b).max() <= 1
 
 
-@pytest.mark.skipif(simplejpeg is None, reason='no simplejpeg')
+@NO_SIMPLEJPEG
 def test_fast_chroma_upsampling_only_in_full_size_training_decodes(monkeypatch, tmp_path):
     data = smooth_jpeg(500, 375, quality=90)  # Pillow's default 4:2:0 chroma subsampling
     accurate, fast = (EncodedImage(data).decode(1, fast_upsample=flag).astype(int) for flag in (False, True))
     assert (accurate != fast).any() and np.abs(accurate - fast).mean() < 0.5  # a different filter, same image
     calls = []
-    decode = EncodedImage.decode
-    monkeypatch.setattr(EncodedImage, 'decode', lambda self, factor=1, fast_upsample=False: calls.append(
-        (factor, fast_upsample)) or decode(self, factor, fast_upsample))
+    decode_box = EncodedImage.decode_box
+    monkeypatch.setattr(EncodedImage, 'decode_box', lambda self, box, factor=1, fast_upsample=False: calls.append(
+        (factor, fast_upsample)) or decode_box(self, box, factor, fast_upsample))
     for size, factor in ((300, 1), (64, 4)):  # the whole 500x375 image: too small for 1/2 at 300 px; 1/4 at 64
         outputs = []
         for flag in (False, True):
@@ -107,8 +184,7 @@ def test_fast_chroma_upsampling_only_in_full_size_training_decodes(monkeypatch, 
         assert build_datasets(config)[0].transform.fast_upsample is flag
 
 
-@pytest.mark.parametrize('decoder', ['pil', pytest.param('simplejpeg', marks=pytest.mark.skipif(
-    simplejpeg is None, reason='no simplejpeg'))])
+@pytest.mark.parametrize('decoder', DECODERS)
 def test_scaled_decode_boxes_map_by_the_factor_up_to_the_right_edge(decoder):
     """1033 px decode at 1/8 to ceil(1033 / 8) = 130 px, but source x is decoded x / 8 exactly: a box near the right
     edge must not drift by the rounding of the size (1000 * 130 / 1033 = 125.85 would give 126)."""
@@ -122,8 +198,7 @@ def test_scaled_decode_boxes_map_by_the_factor_up_to_the_right_edge(decoder):
     assert scale_box((2, 3, 4, 5), (10, 10), (10, 10), 4) == (2, 3, 4, 5)  # not scaled (not a JPEG): 1:1
 
 
-@pytest.mark.parametrize('decoder', ['pil', pytest.param('simplejpeg', marks=pytest.mark.skipif(
-    simplejpeg is None, reason='no simplejpeg'))])
+@pytest.mark.parametrize('decoder', DECODERS)
 def test_a_second_decode_at_another_scale_has_that_scale(decoder):
     image = EncodedImage(smooth_jpeg(517, 333), decoder)
     assert image.decode(4).shape == (84, 130, 3) and image.decode(1).shape == (333, 517, 3)

@@ -1,10 +1,13 @@
-"""Image files to uint8 RGB arrays, JPEGs at 1/2, 1/4 or 1/8 scale on request.
+"""Image files to uint8 RGB arrays, JPEGs at 1/2, 1/4 or 1/8 scale on request, and only a crop's pixels.
 
-JPEGs go through libjpeg-turbo's TurboJPEG API (``simplejpeg``) when it is installed: with it the loader
-delivers 1.4-1.7x the images per CPU second that it does with Pillow as decoder (docs/BENCHMARKS.md,
-"Data loader"). Everything else, and any JPEG that TurboJPEG refuses, goes through Pillow, with
-every mode (CMYK, palette, RGBA, 16-bit, grayscale) turned into 8-bit RGB. A file that cannot be read
-raises ``UnreadableImageError`` whose message says why, so a dataset can skip it and name it.
+JPEGs go through libjpeg-turbo: with TurboJPEG (``simplejpeg``) the loader delivers 1.4-1.7x the images per CPU
+second that it does with Pillow as decoder (docs/BENCHMARKS.md, "Data loader"). Where the package's C extension
+``_jpeg_region`` was built (setup.py compiles it against the system's libjpeg-turbo headers when present), a
+transform's crop is decoded alone: the rows below it are never decoded, and the columns beside and rows above it
+are not inverse-transformed, with the same pixels as a full decode. Everything else, and any JPEG that
+libjpeg-turbo refuses or warns about, goes through Pillow, with every mode (CMYK, palette, RGBA, 16-bit,
+grayscale) turned into 8-bit RGB. A file that cannot be read raises ``UnreadableImageError`` whose message says
+why, so a dataset can skip it and name it.
 """
 import io
 import os
@@ -12,7 +15,7 @@ import re
 import struct
 import warnings
 from contextlib import contextmanager
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -22,8 +25,15 @@ try:  # optional: the faster JPEG path; Pillow decodes everything without it
 except ImportError:  # pragma: no cover - depends on the environment
     simplejpeg = None
 
-DECODERS = ('auto', 'simplejpeg', 'pil')
+try:  # optional: built by setup.py where libjpeg-turbo's headers are installed (Debian/Ubuntu: libjpeg-dev)
+    from . import _jpeg_region
+except ImportError:  # pragma: no cover - depends on the environment
+    _jpeg_region = None
+
+Box = Tuple[int, int, int, int]  # top, left, height, width
+DECODERS = ('auto', 'region', 'simplejpeg', 'pil')
 JPEG_MAGIC = b'\xff\xd8\xff'
+JPEG_END = b'\xff\xd9'
 # What Pillow's and TurboJPEG's decoders raise on damaged data (Pillow uses all of these).
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError, Image.DecompressionBombError,
                  Image.DecompressionBombWarning)
@@ -34,14 +44,20 @@ class UnreadableImageError(Exception):
 
 
 def resolve_decoder(decoder: str) -> str:
-    """'auto' -> 'simplejpeg' when installed, else 'pil'; an unknown or unavailable choice is an error."""
+    """'auto' -> 'region' where the C extension is built, else 'simplejpeg' when installed, else 'pil'; an
+    unknown or unavailable choice is an error."""
     if decoder not in DECODERS:
         raise ValueError(f"data.decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
-    if decoder == 'simplejpeg' and simplejpeg is None:
-        raise ValueError("data.decoder='simplejpeg' but the simplejpeg package is not installed "
+    if decoder in ('region', 'simplejpeg') and simplejpeg is None:
+        raise ValueError(f"data.decoder={decoder!r} but the simplejpeg package is not installed "
                          "(pip install simplejpeg, or use 'auto' / 'pil')")
+    if decoder == 'region' and _jpeg_region is None:
+        raise ValueError("data.decoder='region' but dizoo_imgcls.data._jpeg_region was not built: install "
+                         "libjpeg-turbo's headers (Debian/Ubuntu: apt-get install libjpeg-dev) and reinstall the "
+                         "package, or use 'auto' / 'simplejpeg' / 'pil'")
     if decoder == 'auto':
-        return 'simplejpeg' if simplejpeg is not None else 'pil'
+        return 'region' if _jpeg_region is not None and simplejpeg is not None else (
+            'simplejpeg' if simplejpeg is not None else 'pil')
     return decoder
 
 
@@ -99,16 +115,56 @@ def open_pil(data: bytes) -> Image.Image:
         return Image.open(io.BytesIO(data))
 
 
-class EncodedImage:
-    """One image file's bytes: its size from the header, its pixels decoded once, on demand, at 1/``factor``
-    scale (1, 2, 4 or 8; JPEG only, other formats always decode at full size)."""
+def scale_box(box: Sequence[float], source_hw: Tuple[int, int], decoded_hw: Tuple[int, int], factor: int) -> Box:
+    """A box in source pixels mapped to integer pixels of the image decoded at 1/``factor`` scale.
+
+    A scaled JPEG decode maps source pixel x to x / factor exactly (each 8x8 block becomes a (8/factor)^2
+    one); its size, ceil(side / factor), is rounded up, so dividing by the size ratio instead would shift
+    boxes near the right and bottom edges by up to a decoded pixel. A decoder that returned the full size
+    anyway (not a JPEG) maps 1:1."""
+    top, left, h, w = box
+    s = 1.0 if tuple(decoded_hw) == tuple(source_hw) else 1.0 / factor
+    dh = min(decoded_hw[0], max(1, int(round(h * s))))
+    dw = min(decoded_hw[1], max(1, int(round(w * s))))
+    dtop = min(decoded_hw[0] - dh, int(round(top * s)))
+    dleft = min(decoded_hw[1] - dw, int(round(left * s)))
+    return dtop, dleft, dh, dw
+
+
+class ImageSource:
+    """What the transform presets read: ``size_hw``, ``decode(factor)`` (the whole image) and ``decode_box``."""
+    height: int
+    width: int
+
+    @property
+    def size_hw(self) -> Tuple[int, int]:
+        return self.height, self.width
+
+    def decode(self, factor: int = 1, fast_upsample: bool = False) -> np.ndarray:
+        raise NotImplementedError
+
+    def decode_box(self, box: Sequence[float], factor: int = 1, fast_upsample: bool = False) -> np.ndarray:
+        """The pixels of ``box`` (top, left, height, width in source pixels, fractions allowed) of the image
+        decoded at 1/``factor`` scale: an HxWx3 uint8 view."""
+        pixels = self.decode(factor, fast_upsample)
+        top, left, h, w = scale_box(box, self.size_hw, pixels.shape[:2], factor)
+        return pixels[top:top + h, left:left + w]
+
+
+class EncodedImage(ImageSource):
+    """One image file's bytes: its size from the header, its pixels decoded on demand at 1/``factor`` scale
+    (1, 2, 4 or 8; JPEG only, other formats always decode at full size), the whole image or one box of it."""
 
     def __init__(self, data: bytes, decoder: str = 'auto') -> None:
         if not data:
             raise UnreadableImageError('empty file (0 bytes)')
         self.data = data
         self._pil: Optional[Image.Image] = None
-        self.turbo = resolve_decoder(decoder) == 'simplejpeg' and data[:3] == JPEG_MAGIC
+        decoder = resolve_decoder(decoder)
+        self.turbo = decoder in ('region', 'simplejpeg') and data[:3] == JPEG_MAGIC
+        # A file that does not end in the end-of-image marker (truncated, or trailing bytes) is decoded whole,
+        # so whether it is refused does not depend on where a crop falls.
+        self.region = self.turbo and decoder == 'region' and data.endswith(JPEG_END)
         if self.turbo:
             try:
                 self.height, self.width = simplejpeg.decode_jpeg_header(data)[:2]
@@ -118,10 +174,6 @@ class EncodedImage:
             self._pil = open_pil(data)
             self.width, self.height = self._pil.size
         check_pixel_limit(self.width, self.height)
-
-    @property
-    def size_hw(self) -> Tuple[int, int]:
-        return self.height, self.width
 
     def decode(self, factor: int = 1, fast_upsample: bool = False) -> np.ndarray:
         """HxWx3 uint8 RGB; for a JPEG each side is ``ceil(side / factor)``.
@@ -140,6 +192,17 @@ class EncodedImage:
                 self._pil = open_pil(self.data)
         return self._decode_pil(factor)
 
+    def decode_box(self, box: Sequence[float], factor: int = 1, fast_upsample: bool = False) -> np.ndarray:
+        if self.region:
+            decoded_hw = (-(-self.height // factor), -(-self.width // factor))
+            top, left, h, w = scale_box(box, self.size_hw, decoded_hw, factor)
+            try:
+                pixels = _jpeg_region.decode_region(self.data, factor, top, left, h, w, fast_upsample)
+                return np.frombuffer(pixels, np.uint8).reshape(h, w, 3)
+            except ValueError:
+                pass  # damaged, CMYK, or a libjpeg warning: the whole-image path below decides, as it always has
+        return super().decode_box(box, factor, fast_upsample)
+
     def _decode_pil(self, factor: int) -> np.ndarray:
         # A Pillow image is drafted and loaded once: a later decode, perhaps at another scale, opens a fresh one.
         img = self._pil if self._pil is not None else open_pil(self.data)
@@ -153,7 +216,7 @@ class EncodedImage:
         return np.array(rgb)  # a writable copy: torch.from_numpy warns on Pillow's read-only buffer
 
 
-class DecodedImage:
+class DecodedImage(ImageSource):
     """Pixels already in memory (a Pillow image or an array) behind the ``EncodedImage`` interface."""
 
     def __init__(self, image) -> None:
@@ -161,10 +224,6 @@ class DecodedImage:
         if self.pixels.ndim != 3 or self.pixels.shape[2] != 3 or self.pixels.dtype != np.uint8:
             raise ValueError(f'expected an HxWx3 uint8 RGB array, got {self.pixels.dtype} {self.pixels.shape}')
         self.height, self.width = self.pixels.shape[:2]
-
-    @property
-    def size_hw(self) -> Tuple[int, int]:
-        return self.height, self.width
 
     def decode(self, factor: int = 1, fast_upsample: bool = False) -> np.ndarray:
         return self.pixels

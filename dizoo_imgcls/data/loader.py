@@ -44,8 +44,10 @@ DATA_CONFIG = dict(
     # subsampled chroma by repetition instead of libjpeg's smoothing filter (simplejpeg only): ~11% less decode
     # time, a mean pixel difference of ~0.25/255. Eval decodes always use the accurate filter.
     jpeg_fast_upsample=True,
-    # (str) JPEG decoder: 'auto' (simplejpeg, libjpeg-turbo's TurboJPEG API, when installed; else Pillow),
-    # 'simplejpeg' or 'pil'. Other formats and JPEGs TurboJPEG refuses always go through Pillow.
+    # (str) JPEG decoder: 'auto' picks the first available of 'region' (our C extension over libjpeg-turbo: decodes
+    # only the crop's part of each JPEG, same pixels; built by pip install where libjpeg-turbo's headers are),
+    # 'simplejpeg' (libjpeg-turbo's TurboJPEG API, whole images) and 'pil'. Other formats and JPEGs that
+    # libjpeg-turbo refuses always go through Pillow.
     decoder='auto',
     # (dict) Settings read only by a non-folder data type (free-form), e.g. the OVERFIT demo's word and size.
     options=dict(),

@@ -2,8 +2,9 @@
 
 Normalization happens in the model, on the device. Each preset picks its crop in source pixels first and
 only then decodes, so a JPEG whose crop still has at least ``image_size`` px per side at 1/2, 1/4 or 1/8
-scale is decoded at that scale (libjpeg's scaled IDCT): the crop distribution stays exactly that of
-RandomResizedCrop / Resize + CenterCrop, only pixels that the downscale would average away are never made.
+scale is decoded at that scale (libjpeg's scaled IDCT), and where the region decoder is built only the crop's
+part of the JPEG is decoded: the crop distribution stays exactly that of RandomResizedCrop / Resize +
+CenterCrop, only pixels that the downscale would average away, or that lie outside the crop, are never made.
 Crop and resize are one antialiased bilinear resample (torch's uint8 kernel, 2-4x faster than Pillow's).
 """
 import math
@@ -13,9 +14,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
-from .decode import DecodedImage
+from .decode import Box, DecodedImage
 
-Box = Tuple[int, int, int, int]  # top, left, height, width
 JPEG_SCALE_FACTORS = (8, 4, 2, 1)
 
 
@@ -56,32 +56,16 @@ def decode_factor(crop_height: float, crop_width: float, output_px: int) -> int:
     return next(k for k in JPEG_SCALE_FACTORS if k == 1 or short / k >= output_px)
 
 
-def scale_box(box: Sequence[float], source_hw: Tuple[int, int], decoded_hw: Tuple[int, int], factor: int) -> Box:
-    """A box in source pixels mapped to integer pixels of the image decoded at 1/``factor`` scale.
-
-    A scaled JPEG decode maps source pixel x to x / factor exactly (each 8x8 block becomes a (8/factor)^2
-    one); its size, ceil(side / factor), is rounded up, so dividing by the size ratio instead would shift
-    boxes near the right and bottom edges by up to a decoded pixel. A decoder that returned the full size
-    anyway (not a JPEG) maps 1:1."""
-    top, left, h, w = box
-    s = 1.0 if tuple(decoded_hw) == tuple(source_hw) else 1.0 / factor
-    dh = min(decoded_hw[0], max(1, int(round(h * s))))
-    dw = min(decoded_hw[1], max(1, int(round(w * s))))
-    dtop = min(decoded_hw[0] - dh, int(round(top * s)))
-    dleft = min(decoded_hw[1] - dw, int(round(left * s)))
-    return dtop, dleft, dh, dw
-
-
-def resized_crop(pixels, box: Box, size: int) -> torch.Tensor:
-    """``size``x``size`` uint8 CHW tensor from an HxWx3 uint8 array's box (antialiased bilinear).
+def resized_crop(crop, size: int) -> torch.Tensor:
+    """``size``x``size`` uint8 CHW tensor from an HxWx3 uint8 array (antialiased bilinear).
 
     The tensor's memory stays HWC (channels_last strides), the layout the decoder writes and the model reads:
-    the crop is copied to contiguous HWC first, which puts torch's resample on its fast uint8 path, and
-    the result is not copied to CHW order (``collate_images`` stacks such tensors as NHWC). Both save
-    ~40 us per image at 128 px on a 500x375 JPEG, identical pixels."""
-    top, left, h, w = box
-    crop = torch.from_numpy(pixels[top:top + h, left:left + w]).unsqueeze(0).permute(0, 3, 1, 2)
-    crop = crop.contiguous(memory_format=torch.channels_last)
+    a crop that is a view into a larger image is copied to contiguous HWC first (a region decode is already),
+    which puts torch's resample on its fast uint8 path, and the result is not copied to CHW order
+    (``collate_images`` stacks such tensors as NHWC). Both save ~40 us per image at 128 px on a 500x375 JPEG,
+    identical pixels."""
+    h, w = crop.shape[:2]
+    crop = torch.from_numpy(crop).unsqueeze(0).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
     if (h, w) != (size, size):
         crop = F.interpolate(crop, size=(size, size), mode='bilinear', antialias=True, align_corners=False)
     return crop[0]
@@ -128,8 +112,8 @@ class TrainPreset:
         factor = decode_factor(box[2], box[3], self.image_size) if self.reduced_decode else 1
         # At 1/2 scale and below libjpeg-turbo merges chroma upsampling into the scaled IDCT: the fast mode
         # saves nothing there (measured), so it only applies to full-size decodes.
-        pixels = image.decode(factor, fast_upsample=self.fast_upsample and factor == 1)
-        out = resized_crop(pixels, scale_box(box, image.size_hw, pixels.shape[:2], factor), self.image_size)
+        crop = image.decode_box(box, factor, fast_upsample=self.fast_upsample and factor == 1)
+        out = resized_crop(crop, self.image_size)
         out = out.flip(-1) if self.hflip and flip_draw < 0.5 else out
         return self.auto_augment(out) if self.auto_augment is not None else out
 
@@ -149,8 +133,7 @@ class EvalPreset:
         side = self.image_size * min(height, width) / self.resize_size  # the crop in source px (<= short side)
         box = ((height - side) / 2, (width - side) / 2, side, side)
         factor = decode_factor(side, side, self.image_size) if self.reduced_decode else 1
-        pixels = image.decode(factor)
-        return resized_crop(pixels, scale_box(box, image.size_hw, pixels.shape[:2], factor), self.image_size)
+        return resized_crop(image.decode_box(box, factor), self.image_size)
 
 
 def eval_image_size(data_cfg) -> int:
