@@ -162,14 +162,14 @@ class EncodedImage(ImageSource):
         self._pil: Optional[Image.Image] = None
         decoder = resolve_decoder(decoder)
         self.turbo = decoder in ('region', 'simplejpeg') and data[:3] == JPEG_MAGIC
-        # A file that does not end in the end-of-image marker (truncated, or trailing bytes) is decoded whole,
-        # so whether it is refused does not depend on where a crop falls.
-        self.region = self.turbo and decoder == 'region' and data.endswith(JPEG_END)
         if self.turbo:
             try:
                 self.height, self.width = simplejpeg.decode_jpeg_header(data)[:2]
             except ValueError:
                 self.turbo = False  # Pillow gets a go, and names the problem if it fails too
+        # A file that does not end in the end-of-image marker (truncated, or trailing bytes) is decoded whole,
+        # so whether it is refused does not depend on where a crop falls.
+        self.region = self.turbo and decoder == 'region' and data.endswith(JPEG_END)
         if not self.turbo:
             self._pil = open_pil(data)
             self.width, self.height = self._pil.size
