@@ -61,12 +61,8 @@ static int decode(const unsigned char *data, unsigned long size, int factor, int
     err->pub.emit_message = on_message;
     err->message[0] = '\0';
     jpeg_create_decompress(&cinfo);
-    if (setjmp(err->escape)) {
-        free(rows);
-        free(buffer);
-        jpeg_destroy_decompress(&cinfo);
-        return 1;
-    }
+    if (setjmp(err->escape))
+        goto finish;  /* libjpeg's error: err->message holds it */
     jpeg_mem_src(&cinfo, data, size);
     jpeg_read_header(&cinfo, TRUE);
     cinfo.out_color_space = JCS_RGB;
@@ -80,8 +76,7 @@ static int decode(const unsigned char *data, unsigned long size, int factor, int
         snprintf(err->message, sizeof(err->message), "box (top %d, left %d, %dx%d) outside the %ux%u image",
                  top, left, height, width, cinfo.output_height, cinfo.output_width);
         *bad_box = 1;
-        jpeg_destroy_decompress(&cinfo);
-        return 1;
+        goto finish;
     }
     /* One column more on each side where there is one: crop_scanline widens the columns to iMCU boundaries,
      * and the columns at such a boundary are upsampled as image edges, which they are not. */
@@ -110,19 +105,13 @@ static int decode(const unsigned char *data, unsigned long size, int factor, int
     buffer = direct ? NULL : malloc(stride * (size_t)total);
     if (rows == NULL || (!direct && buffer == NULL)) {
         snprintf(err->message, sizeof(err->message), "out of memory");
-        free(rows);
-        free(buffer);
-        jpeg_destroy_decompress(&cinfo);
-        return 1;
+        goto finish;
     }
     for (int i = 0; i < total; i++)
         rows[i] = direct ? out + row_bytes * (size_t)i : buffer + stride * (size_t)i;
     if (skip > 0 && jpeg_skip_scanlines(&cinfo, (JDIMENSION)skip) != (JDIMENSION)skip) {
         snprintf(err->message, sizeof(err->message), "could not skip to row %d", skip);
-        free(rows);
-        free(buffer);
-        jpeg_destroy_decompress(&cinfo);
-        return 1;
+        goto finish;
     }
     int done = 0;
     while (done < total) {
@@ -134,17 +123,14 @@ static int decode(const unsigned char *data, unsigned long size, int factor, int
     if (!direct)
         for (int i = lead; i < done; i++)
             memcpy(out + row_bytes * (size_t)(i - lead), rows[i] + offset, row_bytes);
-    done -= lead;
-    if (done < height)
-        snprintf(err->message, sizeof(err->message), "the image data ended at row %d", top + done);
-    else if (err->pub.num_warnings > 0)
-        ;  /* message already holds the first warning */
-    else
-        status = 0;
+    if (done < total)
+        snprintf(err->message, sizeof(err->message), "the image data ended at row %d", skip + done);
+    else if (err->pub.num_warnings == 0)
+        status = 0;  /* else the message holds the first warning */
+finish:
     free(rows);
     free(buffer);
-    jpeg_abort_decompress(&cinfo);  /* the rows below the crop are never decoded */
-    jpeg_destroy_decompress(&cinfo);
+    jpeg_destroy_decompress(&cinfo);  /* also where the crop ends above the image's end: the rest is never decoded */
     return status;
 }
 
