@@ -1,8 +1,9 @@
 from setuptools import Extension, find_packages, setup
 
 # Region-of-interest JPEG decoding (dizoo_imgcls/data/_jpeg_region.c): built where libjpeg-turbo's headers are
-# installed (Debian/Ubuntu: libjpeg-dev; macOS: brew install jpeg-turbo). Optional: where the build fails, pip
-# prints a warning, the install goes on, and the loader decodes whole JPEGs with simplejpeg instead (slower).
+# installed (>= 2.1; Debian/Ubuntu: libjpeg-dev; elsewhere on the compiler's search path, e.g. through CFLAGS and
+# LDFLAGS). Optional: where the build fails, pip prints a warning, the install goes on, and the loader decodes
+# whole JPEGs with simplejpeg instead (slower).
 JPEG_REGION = Extension('dizoo_imgcls.data._jpeg_region', ['dizoo_imgcls/data/_jpeg_region.c'], libraries=['jpeg'],
                         extra_compile_args=['-O2'], optional=True)
 
