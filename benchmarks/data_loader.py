@@ -8,8 +8,9 @@ typical 500x375 at JPEG quality 90 in a temporary folder. For each source, trans
 output size it prints one JSON line: images/s, images/s per worker core (images/s / workers) and images per
 worker-CPU second (the same per-core figure measured from the workers' CPU time, so it holds up when other
 processes share the cores), for our loader, the stock one, ours with Pillow as JPEG decoder, ours decoding whole
-JPEGs with simplejpeg (where 'auto' is the region decoder), and (train) ours exactly as train.py builds it; and the ratios to stock. Stock runs its own transform builders at that size
-(train: resize + center crop, no augmentation; eval: resize / 0.875 + center crop; float normalized output).
+JPEGs with simplejpeg (where 'auto' is the region decoder), and (train) ours exactly as train.py builds it; and
+the ratios to stock. Stock runs its own transform builders at that size (train: resize + center crop, no
+augmentation; eval: resize / 0.875 + center crop; float normalized output).
 Then (c): a pre-resized copy of (b) (``python -m dizoo_imgcls.prepare resize``, shorter side
 --resized-short-side px), its build time, and our loader reading it against stock reading (b) itself: what a
 user of the copy gets on repeated runs. Then worker RSS after each of 3 epochs over the full train split. Not a

@@ -71,7 +71,7 @@ static int decode(const unsigned char *data, unsigned long size, int factor, int
     cinfo.dct_method = JDCT_ISLOW;
     cinfo.do_fancy_upsampling = fast_upsample ? FALSE : TRUE;
     jpeg_start_decompress(&cinfo);
-    if (cinfo.output_components != 3 || top < 0 || left < 0 || height <= 0 || width <= 0 ||
+    if (top < 0 || left < 0 || height <= 0 || width <= 0 ||
         (JDIMENSION)(top + height) > cinfo.output_height || (JDIMENSION)(left + width) > cinfo.output_width) {
         snprintf(err->message, sizeof(err->message), "box (top %d, left %d, %dx%d) outside the %ux%u image",
                  top, left, height, width, cinfo.output_height, cinfo.output_width);

@@ -182,25 +182,30 @@ class EncodedImage(ImageSource):
         libjpeg's triangular filter: ~11% less time for a full-size decode of a 4:2:0 500x375 JPEG, and a
         mean difference of ~0.25/255 per pixel value (docs/BENCHMARKS.md, "Data loader")."""
         if self.turbo:
+            height, width = self.decoded_hw(factor)
             try:
-                return simplejpeg.decode_jpeg(
-                    self.data, colorspace='RGB', min_height=-(-self.height // factor),
-                    min_width=-(-self.width // factor), min_factor=factor, strict=True, fastupsample=fast_upsample)
+                return simplejpeg.decode_jpeg(self.data, colorspace='RGB', min_height=height, min_width=width,
+                                              min_factor=factor, strict=True, fastupsample=fast_upsample)
             except ValueError:
                 # strict TurboJPEG also refuses files with harmless warnings (extra bytes after the image):
                 # Pillow decides, so both decoders accept and refuse the same files.
                 self._pil = open_pil(self.data)
         return self._decode_pil(factor)
 
+    def decoded_hw(self, factor: int) -> Tuple[int, int]:
+        """The size of a JPEG decoded at 1/``factor`` scale: each side ``ceil(side / factor)``."""
+        return -(-self.height // factor), -(-self.width // factor)
+
     def decode_box(self, box: Sequence[float], factor: int = 1, fast_upsample: bool = False) -> np.ndarray:
         if self.region:
-            decoded_hw = (-(-self.height // factor), -(-self.width // factor))
-            top, left, h, w = scale_box(box, self.size_hw, decoded_hw, factor)
+            top, left, h, w = scale_box(box, self.size_hw, self.decoded_hw(factor), factor)
             try:
                 pixels = _jpeg_region.decode_region(self.data, factor, top, left, h, w, fast_upsample)
                 return np.frombuffer(pixels, np.uint8).reshape(h, w, 3)
             except ValueError:
-                pass  # damaged, CMYK, or a libjpeg warning: the whole-image path below decides, as it always has
+                # Damaged, CMYK, or a libjpeg warning: simplejpeg's strict mode (the same libjpeg) would refuse it
+                # too, so Pillow decides, as it always has for such files.
+                self.turbo = False
         return super().decode_box(box, factor, fast_upsample)
 
     def _decode_pil(self, factor: int) -> np.ndarray:

@@ -8,7 +8,7 @@ CenterCrop, only pixels that the downscale would average away, or that lie outsi
 Crop and resize are one antialiased bilinear resample (torch's uint8 kernel, 2-4x faster than Pillow's).
 """
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
