@@ -211,6 +211,21 @@ def test_resnet_d_and_blur_pool_structure():
     assert torch.equal(blur(impulse)[0, 0, 1:4, 1:4], torch.tensor([[1.0, 2, 1], [2, 4, 2], [1, 2, 1]]))
 
 
+def test_activation_option_swaps_every_relu_of_a_resnet():
+    silu = create_model('resnet18d', 10, activation='silu')
+    kinds = {type(m) for m in silu.modules()}
+    assert nn.SiLU in kinds and nn.ReLU not in kinds
+    # 3 in the deep stem + bn1's + one shared module in each of the 8 basic blocks
+    assert sum(isinstance(m, nn.SiLU) for m in silu.modules()) == 3 + 8
+    block = silu.backbone.layer1[0].relu
+    x = torch.tensor([-1.0, 0.0, 2.0])
+    assert torch.allclose(block(x.clone()), x / (1 + torch.exp(-x)))  # x * sigmoid(x): -0.2689, 0, 1.7616
+    same = create_model('resnet18', 10, activation='relu')
+    assert sum(isinstance(m, nn.ReLU) for m in same.modules()) == 1 + 8
+    with pytest.raises(ValueError, match="activation must be one of .*'gelu'"):
+        create_model('resnet18', 10, activation='gelu')
+
+
 def test_loader_follows_the_progressive_resize_schedule_in_persistent_workers(tiny_image_folder):
     from dizoo_imgcls.config import default_config
     from dizoo_imgcls.data import build_loaders

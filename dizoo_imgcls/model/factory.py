@@ -13,7 +13,7 @@ import torch.nn as nn
 import torchvision
 from ding.utils.registry import Registry
 
-from .tweaks import add_blur_pool_, resnet_d_
+from .tweaks import add_blur_pool_, resnet_d_, set_activation_
 
 logger = logging.getLogger('dizoo_imgcls')
 
@@ -75,13 +75,14 @@ def msra_init_(model: nn.Module, zero_init_residual: bool) -> None:
 def _register_torchvision_resnet(name: str, tweak_d: bool = False) -> None:
     builder: Callable[..., nn.Module] = getattr(torchvision.models, name)
 
-    def build(num_classes: int, zero_init_residual: bool = False, blur_pool: bool = False, mean=IMAGENET_MEAN,
-              std=IMAGENET_STD):
+    def build(num_classes: int, zero_init_residual: bool = False, blur_pool: bool = False, activation: str = 'relu',
+              mean=IMAGENET_MEAN, std=IMAGENET_STD):
         backbone = builder(weights=None, num_classes=num_classes)
         if tweak_d:
             resnet_d_(backbone)
         if blur_pool:
             add_blur_pool_(backbone)
+        set_activation_(backbone, activation)
         msra_init_(backbone, zero_init_residual)
         return ImageClassifier(backbone, mean, std)
 

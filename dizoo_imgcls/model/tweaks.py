@@ -6,6 +6,8 @@
 * BlurPool (Zhang 2019, "Making Convolutional Networks Shift-Invariant Again"), in the form FFCV's ResNet
   recipes use: every strided convolution with at least 16 input channels first low-pass filters its input
   with a fixed depthwise 3x3 binomial kernel, so the stride aliases less.
+* Activation: every ReLU replaced by SiLU (Swish; Ramachandran et al. 2017) or Mish (Misra 2019), the smooth
+  activations of EfficientNet and of fastai's Imagenette leaderboard entries.
 """
 import torch
 import torch.nn as nn
@@ -31,6 +33,23 @@ def resnet_d_(resnet: ResNet) -> ResNet:
         pool = nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False) if conv.stride[0] > 1 else nn.Identity()
         block.downsample = nn.Sequential(pool, nn.Conv2d(conv.in_channels, conv.out_channels, 1, bias=False), bn)
     return resnet
+
+
+ACTIVATIONS = {'relu': nn.ReLU, 'silu': nn.SiLU, 'mish': nn.Mish}
+
+
+def set_activation_(model: nn.Module, name: str) -> nn.Module:
+    """Replace every ``nn.ReLU`` module of ``model`` (torchvision's ResNets use modules, not ``F.relu``) by the
+    activation ``name``, in place; ``'relu'`` leaves the model as it is."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"policy.model.activation must be one of {sorted(ACTIVATIONS)}, got '{name}'")
+    if name == 'relu':
+        return model
+    for parent in list(model.modules()):
+        for child_name, child in parent.named_children():
+            if isinstance(child, nn.ReLU):
+                setattr(parent, child_name, ACTIVATIONS[name](inplace=True))
+    return model
 
 
 class BlurPool(nn.Module):
