@@ -37,7 +37,8 @@ setup(
         'onnxruntime>=1.32',
     ],
     extras_require={
-        # tensorboard: tests read event files and query a live TensorBoard server over HTTP
-        'test': ['pytest>=7', 'tensorboard>=2.12'],
+        # tensorboard: tests read event files and query a live TensorBoard server over HTTP;
+        # pytest-xdist: the suite runs in two processes (pytest.ini), most of its time is single-threaded start-up
+        'test': ['pytest>=7', 'pytest-xdist>=3', 'tensorboard>=2.12'],
     },
 )

@@ -159,7 +159,9 @@ def test_killed_rank_fails_the_job_fast_naming_the_rank(tiny_image_folder, tmp_p
 
 
 def test_torchrun_restart_resumes_from_the_last_checkpoint(tiny_image_folder, tmp_path):
-    epochs = 40  # long enough that the kill lands mid-run
+    # The kill follows the epoch-2 checkpoint within ~0.5 s; 10 more epochs take several seconds, and a kill
+    # that came too late would fail the 'resumed from' assertion, not pass unnoticed.
+    epochs = 12
     args = TORCHRUN[:3] + ['--max-restarts=1'] + TORCHRUN[3:] + entry_args(tiny_image_folder, tmp_path, 'elastic',
                                                                              epochs)
     launcher = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
