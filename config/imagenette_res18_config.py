@@ -4,8 +4,9 @@ Each choice below was measured (5-epoch runs on an H100 with the 128 px copy of 
 docs/BENCHMARKS.md, "Recipe search"): the ResNet-D stem and shortcuts gave +4.4 points over torchvision's
 ResNet-18 (80.9% vs 76.4%), crops of at least half the image +0.3; progressive resizing 96 -> 128 px saves a
 quarter of the compute for about half a point. Mixup/CutMix (-1.1), TrivialAugment (-5.0), an EMA of the
-weights (-0.2) and BlurPool (-0.8) did not pay off in 5 epochs and stay off. bf16 autocast and channels_last
-come from the policy defaults (amp='auto')."""
+weights (-0.2) and BlurPool (-0.8) did not pay off in 5 epochs and stay off. SiLU in place of ReLU (2 CPU cores,
+224 px sources, seeds 0/1/2): 81.86/81.25/82.57% against 81.02/81.02/82.29%, better with every seed, +0.45 points
+on average for ~4% of the step speed. bf16 autocast and channels_last come from the policy defaults (amp='auto')."""
 from easydict import EasyDict
 
 imagenette_res18_config = dict(
@@ -18,7 +19,7 @@ imagenette_res18_config = dict(
         progressive_resize=dict(start_scale=0.75, ramp_epochs=[2, 4]),
     ),
     policy=dict(
-        model=dict(name='resnet18d'),
+        model=dict(name='resnet18d', activation='silu'),
         learn=dict(
             batch_size=64,
             train_epoch=5,

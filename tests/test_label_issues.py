@@ -155,7 +155,8 @@ FLIP_CLASSES = ['n01440764', 'n03028079', 'n03888257']
 FLIP_SETTINGS = ['data.image_size=64', 'policy.learn.batch_size=32', 'policy.learn.train_epoch=10',
                  'policy.learn.warmup_epochs=1', 'policy.learn.optimizer=adamw', 'policy.learn.lr_per_256=0.02',
                  'policy.learn.weight_decay=0.05', 'policy.learn.label_smoothing=0.0', 'log_every=1000',
-                 'data.progressive_resize.start_scale=None', 'policy.model.name=resnet18']
+                 'data.progressive_resize.start_scale=None', 'policy.model.name=resnet18',
+                 'policy.model.activation=relu']  # the setting behind the README's figure (the config has SiLU)
 FLIP_RUN = [arg for setting in FLIP_SETTINGS for arg in ('--set', setting)]
 
 

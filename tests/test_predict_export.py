@@ -339,6 +339,26 @@ def test_export_reloads_and_matches_pytorch_on_another_batch_size(checkpoint_pat
     assert meta['verification']['max_abs_diff_vs_pytorch_fp32'] == pytest.approx(printed, rel=1e-2, abs=1e-12)
 
 
+@pytest.mark.filterwarnings('ignore:`torch.jit.load` is deprecated')
+@pytest.mark.parametrize('fmt, suffix', [('torchscript', '.pt'), ('onnx', '.onnx')])
+def test_the_imagenette_recipes_model_exports_too(tmp_path, fmt, suffix):
+    """ResNet-18-D with SiLU (config/imagenette_res18_config.py): deep stem, average-pool shortcuts and SiLU all
+    survive tracing / ONNX (SiLU has no ONNX op of its own before opset 24: it becomes x * Sigmoid(x))."""
+    from dizoo_imgcls.export import export_onnx, export_torchscript, verify_export
+    from dizoo_imgcls.model import create_model
+
+    torch.manual_seed(0)
+    model = create_model('resnet18d', 3, activation='silu', zero_init_residual=False).eval()
+    torch.nn.init.normal_(model.backbone.fc.weight, 0, 10.0)  # logits of order 1 (the init gives ~0.01)
+    path = str(tmp_path / f'model{suffix}')
+    (export_onnx if fmt == 'onnx' else export_torchscript)(model, torch.randint(0, 256, (2, 3, 64, 64),
+                                                                                 dtype=torch.uint8), path)
+    images = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    assert verify_export(model, fmt, path, images) < 1e-4
+    with torch.no_grad():
+        assert model(images).std().item() > 0.1  # logits that differ, not a constant that trivially matches
+
+
 def test_export_that_misses_the_tolerance_writes_nothing_and_exits_1(checkpoint_path, tmp_path, capsys,
                                                                      monkeypatch):
     from dizoo_imgcls import export
