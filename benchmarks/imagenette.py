@@ -229,7 +229,7 @@ def raw_step_speed_at(cfg, classes: int, device: str, warmup: int, steps: int, s
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     seconds = statistics.median(times) * steps
-    return {'model': cfg.policy.model.name, 'activation': cfg.policy.model.get('activation', 'relu'),
+    return {'model': cfg.policy.model.name, 'activation': cfg.policy.model.get('activation') or 'relu',
             'params': sum(p.numel() for p in model.parameters()),
             'num_classes': classes, 'raw_img_per_sec': round(batch * steps / seconds, 2),
             'raw_step': {'batch_size': batch, 'image_size': size, 'amp': str(amp) if amp else None,

@@ -99,6 +99,8 @@ def test_mlp_layers_follow_the_options_and_bad_options_name_their_key():
     assert model(torch.rand(4, 2) * 100).shape == (4, 2)
     with pytest.raises(ValueError, match='policy.model.activation'):
         create_model('coord_mlp', 2, activation='gelu')
+    # the policy config's activation=None means the model's own: cos for the MLP
+    assert type(create_model('coord_mlp', 2, activation=None).layers[1]).__name__ == 'Cos'
     with pytest.raises(ValueError, match='policy.model.input_range'):
         create_model('coord_mlp', 2, input_range=0)
 

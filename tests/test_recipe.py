@@ -220,8 +220,9 @@ def test_activation_option_swaps_every_relu_of_a_resnet():
     block = silu.backbone.layer1[0].relu
     x = torch.tensor([-1.0, 0.0, 2.0])
     assert torch.allclose(block(x.clone()), x / (1 + torch.exp(-x)))  # x * sigmoid(x): -0.2689, 0, 1.7616
-    same = create_model('resnet18', 10, activation='relu')
-    assert sum(isinstance(m, nn.ReLU) for m in same.modules()) == 1 + 8
+    for own in ('relu', None):  # None: the policy config's default, "the model's own"
+        same = create_model('resnet18', 10, activation=own)
+        assert sum(isinstance(m, nn.ReLU) for m in same.modules()) == 1 + 8
     with pytest.raises(ValueError, match="activation must be one of .*'gelu'"):
         create_model('resnet18', 10, activation='gelu')
 

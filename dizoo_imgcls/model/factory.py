@@ -6,7 +6,7 @@ model so the data workers ship compact uint8 tensors and an exported model needs
 import difflib
 import inspect
 import logging
-from typing import Callable, Dict, Iterable, Sequence
+from typing import Callable, Dict, Iterable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -75,7 +75,7 @@ def msra_init_(model: nn.Module, zero_init_residual: bool) -> None:
 def _register_torchvision_resnet(name: str, tweak_d: bool = False) -> None:
     builder: Callable[..., nn.Module] = getattr(torchvision.models, name)
 
-    def build(num_classes: int, zero_init_residual: bool = False, blur_pool: bool = False, activation: str = 'relu',
+    def build(num_classes: int, zero_init_residual: bool = False, blur_pool: bool = False, activation: Optional[str] = 'relu',
               mean=IMAGENET_MEAN, std=IMAGENET_STD):
         backbone = builder(weights=None, num_classes=num_classes)
         if tweak_d:

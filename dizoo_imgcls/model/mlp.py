@@ -77,7 +77,7 @@ def _check_mlp_args(widths, activation, coord_hw, input_range) -> None:
 
 
 @MODEL_REGISTRY.register('coord_mlp')
-def build_coord_mlp(num_classes: int, widths: Sequence[int] = (128, 128, 128), activation: str = 'cos',
+def build_coord_mlp(num_classes: int, widths: Sequence[int] = (128, 128, 128), activation: Optional[str] = 'cos',
                     batch_norm: bool = False, input_range: Optional[float] = 3.0,
                     coord_hw: Sequence[int] = (300, 1000), zero_init_residual: Optional[bool] = None,
                     blur_pool: bool = False) -> CoordinateMLP:
@@ -92,6 +92,7 @@ def build_coord_mlp(num_classes: int, widths: Sequence[int] = (128, 128, 128), a
     if blur_pool:
         raise ValueError('policy.model.blur_pool applies to convolutional models, not coord_mlp')
     widths, coord_hw = list(widths), list(coord_hw)
+    activation = 'cos' if activation is None else activation  # None: the policy config's "the model's own"
     _check_mlp_args(widths, activation, coord_hw, input_range)
     # PyTorch's default Linear init (uniform, +-1/sqrt(fan_in)) is kept on purpose: it is what the
     # raw-vs-normalized comparison is about.

@@ -9,6 +9,8 @@
 * Activation: every ReLU replaced by SiLU (Swish; Ramachandran et al. 2017) or Mish (Misra 2019), the smooth
   activations of EfficientNet and of fastai's Imagenette leaderboard entries.
 """
+from typing import Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -38,12 +40,12 @@ def resnet_d_(resnet: ResNet) -> ResNet:
 ACTIVATIONS = {'relu': nn.ReLU, 'silu': nn.SiLU, 'mish': nn.Mish}
 
 
-def set_activation_(model: nn.Module, name: str) -> nn.Module:
+def set_activation_(model: nn.Module, name: Optional[str]) -> nn.Module:
     """Replace every ``nn.ReLU`` module of ``model`` (torchvision's ResNets use modules, not ``F.relu``) by the
-    activation ``name``, in place; ``'relu'`` leaves the model as it is."""
-    if name not in ACTIVATIONS:
+    activation ``name``, in place; ``'relu'`` or None leaves the model as it is."""
+    if name is not None and name not in ACTIVATIONS:
         raise ValueError(f"policy.model.activation must be one of {sorted(ACTIVATIONS)}, got '{name}'")
-    if name == 'relu':
+    if name in (None, 'relu'):
         return model
     for parent in list(model.modules()):
         for child_name, child in parent.named_children():

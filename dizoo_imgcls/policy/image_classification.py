@@ -62,8 +62,9 @@ class ImageClassificationPolicy(Policy):
             zero_init_residual=True,
             # (bool) ResNets: low-pass filter (BlurPool) before every strided convolution past the stem.
             blur_pool=False,
-            # (str) ResNets: 'relu', 'silu' or 'mish' in place of every ReLU. coord_mlp has its own set ('cos', ...).
-            activation='relu',
+            # (str) Activation; None: the model's own (ResNets: 'relu'; coord_mlp: 'cos'). ResNets also take 'silu'
+            # or 'mish' in place of every ReLU; coord_mlp takes 'relu', 'tanh' or 'cos'.
+            activation=None,
             # (str) Initial weights: one of our checkpoints or a torchvision state-dict file on disk (nothing is
             # downloaded). A classifier head of another size is replaced by a fresh one for num_classes.
             pretrained=None,
