@@ -75,8 +75,8 @@ def msra_init_(model: nn.Module, zero_init_residual: bool) -> None:
 def _register_torchvision_resnet(name: str, tweak_d: bool = False) -> None:
     builder: Callable[..., nn.Module] = getattr(torchvision.models, name)
 
-    def build(num_classes: int, zero_init_residual: bool = False, blur_pool: bool = False, activation: Optional[str] = 'relu',
-              mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    def build(num_classes: int, zero_init_residual: bool = False, blur_pool: bool = False,
+              activation: Optional[str] = 'relu', mean=IMAGENET_MEAN, std=IMAGENET_STD):
         backbone = builder(weights=None, num_classes=num_classes)
         if tweak_d:
             resnet_d_(backbone)
