@@ -2,11 +2,12 @@
 import ast
 import copy
 import difflib
+import functools
 import importlib.machinery
 import importlib.util
 import os
 import pprint
-from typing import Any, Dict, Iterable, List
+from typing import Any, Dict, Iterable, List, Optional
 
 from ding.utils import deep_merge_dicts
 from ding.worker import BaseLearner, MetricSerialEvaluator
@@ -123,6 +124,11 @@ def check_keys(user: Dict, defaults: Dict, where: str, prefix: str = '') -> None
                 raise _unknown_key_error(path, valid, where)
             if isinstance(v, dict) and isinstance(default_node[k], dict) and path not in OPEN_SECTIONS:
                 walk(v, default_node[k], path + '.')
+            else:  # a file's batch_size='8' fails here, naming the key, not later in the loader
+                expected = type_mismatch(v, default_node[k], any_number=True)
+                if expected:
+                    raise ConfigError(f'{where}: {path} must be {expected} like its default '
+                                      f'{default_node[k]!r}, got {v!r}')
 
     walk(user, defaults, prefix)
 
@@ -142,28 +148,48 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def check_override_type(key: str, value: Any, current: Any) -> None:
-    """A ``--set`` value must have the type of the key's current value: a number for a number, a bool for a
-    flag, a list for a list; keys whose value is None (unset) take anything."""
+def type_mismatch(value: Any, current: Any, any_number: bool = False) -> Optional[str]:
+    """None when ``value`` may replace ``current`` (a number for a number, a bool for a flag, a list for a list;
+    None either way: unset keys take anything), else what was expected, e.g. 'a int'. ``any_number``: a float
+    may replace an int (config files: warmup_epochs=0.25 where the default is 5)."""
     if current is None or value is None:
-        return
+        return None
     if isinstance(current, bool):
         ok = isinstance(value, bool)
-    elif isinstance(current, int):
+    elif isinstance(current, int) and not any_number:
         ok = isinstance(value, int) and not isinstance(value, bool)
-    elif isinstance(current, float):
+    elif isinstance(current, (int, float)):
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     elif isinstance(current, (list, tuple)):
         ok = isinstance(value, (list, tuple))
     elif isinstance(current, str):
-        ok = isinstance(value, str)
+        ok = isinstance(value, (str, os.PathLike))
+    elif isinstance(current, dict):
+        ok = isinstance(value, dict)
     else:
         ok = True
-    if not ok:
-        expected = 'a list' if isinstance(current, (list, tuple)) else f'a {type(current).__name__}'
+    if ok:
+        return None
+    if isinstance(current, (int, float)) and any_number:
+        return 'a number'
+    if isinstance(current, dict):
+        return 'a dict'
+    return 'a list' if isinstance(current, (list, tuple)) else f'a {type(current).__name__}'
+
+
+def check_override_type(key: str, value: Any, current: Any) -> None:
+    """A ``--set`` value must have the type of the key's current value (see ``type_mismatch``)."""
+    expected = type_mismatch(value, current)
+    if expected:
         hint = f" (to give a text, quote it: --set {key}=\"'...'\")" if isinstance(current, str) else ''
         raise ConfigError(f'--set {key}: expected {expected} like its current value {current!r}, got '
                           f'{value!r}{hint}')
+
+
+@functools.lru_cache(maxsize=1)
+def _defaults() -> EasyDict:
+    """``default_config()`` built once, for reading only."""
+    return default_config()
 
 
 def apply_override(cfg: EasyDict, assignment: str) -> None:
@@ -183,8 +209,11 @@ def apply_override(cfg: EasyDict, assignment: str) -> None:
     if not isinstance(node, dict) or (parts[-1] not in node and not in_open_section):
         raise _unknown_key_error(key, flat_keys(cfg), '--set')
     section = node.get(parts[-1])
-    # A text key keeps words as text: policy.learn.amp=none is the mode 'none', not None.
-    value = text.strip() if isinstance(section, str) and text.strip().lower() in WORDS else parse_value(text)
+    # A text key whose default is a text keeps words as text: policy.learn.amp=none is the mode 'none', not
+    # None. A key that defaults to None takes None, also where the config file set a text
+    # (policy.model.activation=None is the model's own activation, not the name 'None').
+    keeps_words = isinstance(section, str) and isinstance(get_dotted(_defaults(), key, None), str)
+    value = text.strip() if keeps_words and text.strip().lower() in WORDS else parse_value(text)
     if isinstance(section, dict):
         if not isinstance(value, dict):
             raise ConfigError(f"--set {key}: '{key}' is a section; set one of its keys, e.g. {key}.<name>=...")
@@ -204,7 +233,54 @@ def build_config(user_config: Dict, overrides: Iterable[str] = (), source: str =
     cfg = EasyDict(deep_merge_dicts(defaults, user_config))
     for assignment in overrides:
         apply_override(cfg, assignment)
+    check_image_sizes(cfg)
     return EasyDict(cfg)
+
+
+# Largest image side (px) any size key may ask for: 2048 covers every classification recipe (EfficientNet-B7
+# evaluates at 600 px, FixRes at 480). One 2048 px RGB image is already 12.6 MB as uint8 and 50 MB as float32
+# before any activation; a typo such as 100000 would try to allocate 30 GB for a single image.
+MAX_IMAGE_SIDE_PX = 2048
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _side_error(key: str, value: Any, extra: str = '') -> ConfigError:
+    why = ''
+    if _is_int(value) and value > MAX_IMAGE_SIDE_PX:
+        why = (f': the limit keeps a batch in memory (one {value}x{value} RGB image alone is '
+               f'{3 * value * value / 1e9:.3g} GB as uint8, {12 * value * value / 1e9:.3g} GB as float32)')
+    return ConfigError(f'{key} must be a whole number of pixels in 1..{MAX_IMAGE_SIDE_PX}{extra}, got {value!r}{why}')
+
+
+def check_image_sizes(cfg: Dict) -> None:
+    """Every key that sets an image side: ``data.image_size``, ``data.eval_image_size``, the sizes that
+    progressive resizing and test-time scales derive from them. A positive int up to ``MAX_IMAGE_SIDE_PX``,
+    checked with the config, before any folder is made or any batch allocated."""
+    data = cfg['data']
+    size = data.get('image_size')
+    if not _is_int(size) or not 1 <= size <= MAX_IMAGE_SIDE_PX:
+        raise _side_error('data.image_size', size)
+    eval_size = data.get('eval_image_size')
+    if eval_size is not None and (not _is_int(eval_size) or not 1 <= eval_size <= MAX_IMAGE_SIDE_PX):
+        raise _side_error('data.eval_image_size', eval_size, ', or None for data.image_size')
+    start_scale = (data.get('progressive_resize') or {}).get('start_scale')
+    if start_scale is not None and (isinstance(start_scale, bool) or not isinstance(start_scale, (int, float))
+                                    or not 0 < start_scale <= 1):
+        raise ConfigError(f'data.progressive_resize.start_scale must be a number in (0, 1] (the first epochs train '
+                          f'at start_scale x data.image_size px), or None for off; got {start_scale!r}')
+    tta = get_dotted(cfg, 'policy.eval.tta', {}) or {}
+    scales = tta.get('scales') or []
+    eval_px = eval_size or size
+    for scale in scales if isinstance(scales, (list, tuple)) else [scales]:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+            raise ConfigError(f'policy.eval.tta.scales must be a list of positive factors of the eval size '
+                              f'(e.g. [1.15]), got {scales!r}')
+        if round(eval_px * scale) > MAX_IMAGE_SIDE_PX:
+            raise ConfigError(f'policy.eval.tta.scales: {scale} x {eval_px} px = {round(eval_px * scale)} px is over '
+                              f'the largest image side of {MAX_IMAGE_SIDE_PX} px (the memory of one eval batch)')
 
 
 def save_config_file(cfg: Dict, path: str) -> None:

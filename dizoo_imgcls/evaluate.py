@@ -9,7 +9,7 @@ import torch
 from easydict import EasyDict
 
 from .checkpoint import CheckpointError, load_checkpoint
-from .config import ConfigError, apply_override, build_config
+from .config import ConfigError, apply_override, build_config, check_image_sizes
 from .data import build_eval_data, shutdown_workers
 from .metric import DiagnosticMetric
 from .policy import ImageClassificationPolicy
@@ -45,6 +45,7 @@ def config_from_checkpoint(state: Dict, path: str, data_root: str, overrides: It
         apply_override(cfg, assignment)
     if cfg.data.root != data_root:
         raise ConfigError('--eval-only: give the data folder as --data-root, not as --set data.root')
+    check_image_sizes(cfg)  # the overrides too: eval_image_size=0 or 100000 is one line, not a traceback
     return cfg
 
 
