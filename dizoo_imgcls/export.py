@@ -13,6 +13,7 @@ from typing import Any, Dict, List
 import torch
 import torch.nn as nn
 
+from .data.folder import same_file
 from .data.transforms import eval_image_size, eval_resize_size
 from .model import InputNormalize
 
@@ -22,6 +23,18 @@ TRACE_BATCH = 2
 VERIFY_BATCH = 3  # differs from TRACE_BATCH, so verification proves the batch dimension is dynamic
 MAX_ABS_DIFF = 1e-4  # on logits, exported vs PyTorch fp32 eval mode
 SIDECAR_VERSION = 'dizoo_imgcls.export/1'
+
+
+class OverwritesInputError(ValueError):
+    """The export would be written over the file it is made from."""
+
+
+def refuse_overwriting_input(output: str, checkpoint: str) -> None:
+    """``output`` and its sidecar ``output.json`` must not be the checkpoint, however spelled or linked."""
+    for written in (output, output + '.json'):
+        if same_file(written, checkpoint):
+            raise OverwritesInputError(f'--output {output} would write {written}, which is the checkpoint '
+                                       f'{checkpoint}: the export would replace it; choose another --output')
 
 
 def sample_batch(batch_size: int, image_size: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:

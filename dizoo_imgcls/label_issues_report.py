@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 
 from .data import load_rgb
+from .data.folder import is_within, same_file
 from .label_issues import LabelIssue
 from .tb_visuals import image_grid
 
@@ -19,6 +20,22 @@ CSV_HEADER = ('rank', 'path', 'given_label', 'suggested_label', 'score', 'flagge
 TB_TAG = 'label_issues/most_likely_mislabeled'
 THUMBNAIL_PX = 112  # side of the square thumbnails in the HTML page and the TensorBoard grid
 TB_GRID_IMAGES = 32  # TensorBoard shows the first of the top N: one grid, still legible
+
+
+def check_outputs(out_dir: str, data_root: str, split: str, checkpoint: Optional[str] = None) -> None:
+    """Refuse an ``out_dir`` whose writing would change the inputs: inside ``data_root``'s split being checked,
+    or its train/ or val/ (the reports and fold runs would become a class folder of the data), or a CSV or HTML
+    report that is the checkpoint itself. Links and other spellings of a path are resolved. Raises ``ValueError``."""
+    for name in dict.fromkeys((split, 'train', 'val')):
+        data_dir = os.path.join(data_root, name)
+        if os.path.isdir(data_dir) and is_within(out_dir, data_dir):
+            raise ValueError(f'--out-dir {out_dir} lies inside the data folder {data_dir}: the reports and fold runs '
+                             'would become a class folder of it; choose a folder outside it')
+    if checkpoint is not None:
+        for name in (CSV_NAME, HTML_NAME):
+            if same_file(os.path.join(out_dir, name), checkpoint):
+                raise ValueError(f'--out-dir {out_dir} would write {name} over the checkpoint {checkpoint}; choose '
+                                 'another --out-dir')
 
 
 def write_csv(path: str, issues: Sequence[LabelIssue]) -> None:

@@ -14,7 +14,8 @@ OUTPUT.json records this contract: class names, input size and dtype, resize/cro
 
 The export is run on a batch of another size than the traced one and compared with PyTorch (fp32, eval
 mode); the max abs logit difference is printed. Exit status: 0 when it is below 1e-4; 1 when it is not
-(the file is removed) or the runtime is missing; 2 for a bad checkpoint. ONNX needs onnx, onnxscript and
+(the file is removed) or the runtime is missing; 2 for a bad checkpoint, or an --output that is the
+checkpoint itself (also through a link or another spelling of its path). ONNX needs onnx, onnxscript and
 onnxruntime. PyTorch deprecates TorchScript; prefer ONNX for new deployments.
 """
 import argparse
@@ -39,12 +40,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from dizoo_imgcls.checkpoint import CheckpointError
-    from dizoo_imgcls.export import TRACE_BATCH, VERIFY_BATCH, export_model
+    from dizoo_imgcls.export import (TRACE_BATCH, VERIFY_BATCH, OverwritesInputError, export_model,
+                                     refuse_overwriting_input)
     from dizoo_imgcls.predict import load_model_from_checkpoint
 
     try:
+        refuse_overwriting_input(args.output, args.checkpoint)
         model, config, class_names = load_model_from_checkpoint(args.checkpoint, args.weights)
-    except CheckpointError as e:
+    except (CheckpointError, OverwritesInputError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
     try:

@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     from dizoo_imgcls.config import ConfigError, build_config, load_config_file
     from dizoo_imgcls.data import DataLayoutError
     from dizoo_imgcls.label_issues import label_issues
-    from dizoo_imgcls.label_issues_report import write_reports
+    from dizoo_imgcls.label_issues_report import check_outputs, write_reports
     from dizoo_imgcls.runtime import setup_logging
 
     try:
@@ -74,6 +74,7 @@ def main(argv=None) -> int:
     out_dir = os.path.abspath(args.out_dir or os.path.join(cfg.output_dir, 'label_issues'))
     setup_logging(None)
     try:
+        check_outputs(out_dir, args.data_root, args.split, args.checkpoint)
         issues = label_issues(cfg, out_dir, args.split, args.folds, args.checkpoint)
     except (DataLayoutError, CheckpointError, ValueError) as e:  # ValueError includes ConfigError
         print(f'error: {e}', file=sys.stderr)

@@ -44,6 +44,20 @@ def load_rgb(path: str, draft_size: Optional[int] = None) -> Image.Image:
         return img
 
 
+def same_file(a: str, b: str) -> bool:
+    """Whether two paths name one file: the same path spelled differently, a symlink to it, a hard link."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet): compare where they would be
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def is_within(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or lies inside it, after resolving symlinks (of existing parents too)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
 def is_image_file(path: str) -> bool:
     return path.lower().endswith(IMG_EXTENSIONS)
 

@@ -27,7 +27,7 @@ from PIL import Image
 
 from .check import list_splits
 from .decode import UnreadableImageError, is_hidden, read_image_file
-from .folder import entry_kind, is_image_file
+from .folder import entry_kind, is_image_file, is_within
 from .layouts import SYNSET_WORD_FILES, search_folders
 from .transforms import decode_factor
 
@@ -194,8 +194,14 @@ def write_resized_copy(root: str, out: str, short_side: int, quality: int = 90, 
     if short_side < 16 or not 1 <= quality <= 100:
         raise ResizedCopyError(f'--short-side must be >= 16 px and --quality in 1..100, got {short_side}, {quality}')
     root, out = os.path.abspath(root), os.path.abspath(out)
-    if out == root or out.startswith(root + os.sep):
-        raise ResizedCopyError(f'--out {out} must lie outside --root {root}')
+    # Resolved through symlinks: a copy written into its source would add a class folder to it (or, under a
+    # link, overwrite its images), and a source inside an earlier copy would be deleted as stale.
+    if is_within(out, root):
+        raise ResizedCopyError(f'--out {out} must lie outside --root {root}: it is that folder or inside it (links '
+                               'resolved), so the copy would be written into the images it is made from')
+    if is_within(root, out):
+        raise ResizedCopyError(f'--out {out} must not hold --root {root}: updating the copy would delete the source '
+                               'images as stale; choose a folder outside --root')
     info = {'source': root, 'short_side': short_side, 'quality': quality}
     check_output_folder(out, info)
     files, _ = list_splits(root)  # DataLayoutError on a wrong layout
