@@ -21,6 +21,7 @@ from .checkpoint import (CHECKPOINT_FORMAT, CheckpointError, atomic_torch_save, 
                          step_checkpoint_name, to_plain)
 from .config import MISSING, get_dotted, save_config_file
 from .data import EvalEvent, build_loaders, shutdown_workers
+from .data.check import check_splits_readable
 from .hooks import CheckpointHook, TrainLoggerHook
 from .metric import DiagnosticMetric
 from .model import check_model_options, model_options
@@ -148,6 +149,7 @@ class TrainingRun:
         set_pkg_seed(cfg.seed + self.rank, use_cuda=cfg.policy.cuda and torch.cuda.is_available())
         self.data = build_loaders(cfg.data, cfg.policy.learn.batch_size, cfg.policy.eval.batch_size, self.rank,
                                   self.world_size, cfg.seed)
+        check_splits_readable(self.data)  # a split of unreadable files: one clear error before any folder is made
         val_images = getattr(self.data.val_sampler, 'num_samples', None)
         if val_images is not None and val_images < self.world_size:  # the same decision on every rank
             raise ValueError(f'{val_images} validation image(s) for {self.world_size} processes: every process '

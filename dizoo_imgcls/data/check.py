@@ -1,16 +1,88 @@
 """``--check-data``: decode every train and val image once, in parallel, and list each file that is no usable
-image with the reason, without training."""
+image with the reason, without training. ``check_splits_readable``: the quick check that every run makes
+before its first epoch."""
+import logging
 import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Dict, List, Optional, Tuple
 
-from .decode import UnreadableImageError, is_hidden, load_rgb_array, resolve_decoder
-from .folder import EXPECTED_LAYOUT, DataLayoutError, check_split_classes, class_index, is_image_file, scan_split
+import numpy as np
+
+from .decode import UnreadableImageError, is_hidden, load_rgb_array, read_image_file, resolve_decoder
+from .folder import (EXPECTED_LAYOUT, DataLayoutError, ImageFolderSplit, check_split_classes, class_index,
+                     is_image_file, scan_split)
 from .loader import num_workers
 
 FILES_PER_TASK = 64
+SAMPLE_FILES = 64  # files of each split fully decoded before the first epoch (spread over the split)
+logger = logging.getLogger('dizoo_imgcls')
+
+
+class UnreadableSplitError(ValueError):
+    """No file of a split is a usable image; the message names the split folder and an example reason."""
+
+
+def _header_problem(path: str, decoder: str) -> Optional[str]:
+    """None if ``path`` opens as an image (file read, format identified, size under the pixel limit)."""
+    try:
+        read_image_file(path, decoder)
+    except UnreadableImageError as e:
+        return str(e)
+    return None
+
+
+def _spread(count: int, sample: int) -> List[int]:
+    """Up to ``sample`` indices evenly spread over ``range(count)`` (every class of a class-sorted split)."""
+    return sorted(set(np.linspace(0, count - 1, num=min(count, sample)).round().astype(int).tolist()))
+
+
+def check_split_readable(split: ImageFolderSplit, name: str, all_headers: bool, sample: int = SAMPLE_FILES) -> None:
+    """Raise ``UnreadableSplitError`` when no file of ``split`` is a usable image; log one warning when some of
+    those checked are not. ``all_headers``: every file is opened and its header read (what an empty, missing or
+    non-image file fails on; ~20 us per 224 px JPEG once read), not only the sample. ``sample`` files spread
+    over the split are decoded fully; only when all of them fail are the others decoded, until one works."""
+    count = len(split)
+    bad: Dict[int, str] = {}
+    if all_headers:
+        for index in range(count):
+            reason = _header_problem(split.path(index), split.decoder)
+            if reason is not None:
+                bad[index] = reason
+    sampled = [index for index in _spread(count, sample) if index not in bad]
+    for index in sampled:
+        reason = check_file(split.path(index), split.decoder)
+        if reason is not None:
+            bad[index] = reason
+    checked = set(range(count)) if all_headers else set(sampled)
+    if all(index in bad for index in sampled):  # nothing decoded: try the other files until one does
+        for index in (i for i in range(count) if i not in bad and i not in sampled):
+            checked.add(index)
+            reason = check_file(split.path(index), split.decoder)
+            if reason is None:
+                break
+            bad[index] = reason
+    if not bad:
+        return
+    index, reason = min(bad.items())
+    if len(bad) == count:
+        raise UnreadableSplitError(f'no readable image in {split.root}: all {count} {name} files fail to decode, '
+                                   f'e.g. {split.path(index)}: {reason} (list them all with --check-data)')
+    fate = 'replaced by other samples' if split.replace_unreadable else 'left out of the metrics'
+    logger.warning(f'{len(bad)} of {len(checked)} {name} files checked before training are unreadable '
+                   f'({fate}), e.g. {split.path(index)}: {reason} (list them all with --check-data)')
+
+
+def check_splits_readable(data) -> None:
+    """Before the first epoch: the whole val split opened (its headers read) and a sample of it and of the
+    train split decoded, so a split of unreadable files is one clear error in seconds, not a traceback or an
+    empty evaluation after a training epoch. Data that is not image folders is not checked."""
+    for loader, name, all_headers in ((data.train_loader, 'train', False), (data.val_loader, 'val', True)):
+        split = getattr(loader, 'dataset', None) if loader is not None else None
+        split = getattr(split, 'dataset', split)  # EpochSeededDataset wraps the train split
+        if isinstance(split, ImageFolderSplit):
+            check_split_readable(split, name, all_headers)
 
 
 def check_file(path: str, decoder: str) -> Optional[str]:
