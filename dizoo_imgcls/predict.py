@@ -143,9 +143,24 @@ def find_images(inputs: Sequence[str]) -> Tuple[List[str], List[Tuple[str, str]]
             found.extend(in_dir)
             if not in_dir:
                 problems.append((path, 'folder holds no image files (searched recursively)'))
+        elif os.path.islink(path) and not os.path.exists(path):
+            problems.append((path, f'broken symbolic link (to {os.readlink(path)})'))
+        elif os.path.exists(path):  # a device (/dev/urandom), pipe or socket, or a link to one: reading could block
+            problems.append((path, 'not a regular file (a device, pipe or socket)'))
         else:
             problems.append((path, 'no such file or folder'))
     return found, problems
+
+
+# Characters that would break a line of the table or the skipped-file list (newline, carriage return, tab,
+# other C0/C1 controls, the Unicode line and paragraph separators).
+_LINE_BREAKING = {chr(c) for c in (*range(32), *range(127, 160), 0x2028, 0x2029)}
+
+
+def printable_path(path: str) -> str:
+    """``path`` as is, or ``repr(path)`` (quoted, ``\\n`` escaped) when it holds a line-breaking character, so one
+    file is always one line of output."""
+    return repr(path) if any(ch in _LINE_BREAKING for ch in path) else path
 
 
 class _ImageFiles(Dataset):
@@ -209,7 +224,7 @@ CSV_HEADER = ('path', 'rank', 'class_index', 'class_name', 'probability')
 
 def _table_lines(prediction: Prediction) -> List[str]:
     width = max(len(name) for _, name, _ in prediction.top)
-    return [prediction.path] + [f'  {rank}. {name:<{width}}  {100.0 * prob:6.2f}%'
+    return [printable_path(prediction.path)] + [f'  {rank}. {name:<{width}}  {100.0 * prob:6.2f}%'
                                 for rank, (_, name, prob) in enumerate(prediction.top, 1)]
 
 
@@ -230,7 +245,7 @@ def write_predictions(predictions: Iterable[Prediction], fmt: str, out: TextIO, 
     done = skipped = 0
     for prediction in predictions:
         if prediction.error is not None:
-            print(f'skipped {prediction.path}: {prediction.error}', file=err)
+            print(f'skipped {printable_path(prediction.path)}: {prediction.error}', file=err)
             skipped += 1
             continue
         if fmt == 'table':

@@ -7,7 +7,9 @@ Images are read and transformed exactly as the validation images of the checkpoi
 shorter side resized to S / data.eval_crop_ratio, center crop of S, where S is data.eval_image_size if the run
 set one, else data.image_size). Folders are searched recursively for image files. A file that cannot be read is
 reported on stderr and skipped.
-Exit status: 0 when at least one image was predicted, 1 when none could be, 2 for a bad checkpoint or option.
+Exit status: 2 for a bad checkpoint or option, or an --input that does not exist or is no regular file or
+folder (the other inputs are still predicted, as `ls` does); else 0 when at least one image was predicted, 1 when
+none could be. A file name with a newline or other control character is printed quoted and escaped (Python repr).
 """
 import argparse
 import os
@@ -51,7 +53,7 @@ def main(argv=None) -> int:
 
     from dizoo_imgcls.checkpoint import CheckpointError
     from dizoo_imgcls.predict import (EvalReader, find_images, load_model_from_checkpoint, predict_files,
-                                      write_predictions)
+                                      printable_path, write_predictions)
 
     try:
         model, config, class_names = load_model_from_checkpoint(args.checkpoint, args.weights)
@@ -72,14 +74,18 @@ def main(argv=None) -> int:
             stream.reconfigure(errors='backslashreplace')
     paths, problems = find_images(args.input)
     for path, reason in problems:
-        print(f'skipped {path}: {reason}', file=sys.stderr)
+        print(f'skipped {printable_path(path)}: {reason}', file=sys.stderr)
     predictions = predict_files(model.to(device), reader, class_names, paths, topk=args.topk,
                                 batch_size=args.batch_size, num_workers=args.workers)
     predicted, _ = write_predictions(predictions, args.format, sys.stdout, sys.stderr)
+    # An input that is not there (or no file or folder at all) is a mistake on the command line: exit 2.
+    bad_inputs = [path for path, _ in problems if not os.path.isdir(path)]
     if predicted == 0:
-        print(f"error: no image could be predicted from {' '.join(args.input)}", file=sys.stderr)
-        return 1
-    return 0
+        print(f"error: no image could be predicted from {' '.join(map(printable_path, args.input))}",
+              file=sys.stderr)
+    if bad_inputs:
+        return 2
+    return 0 if predicted else 1
 
 
 if __name__ == '__main__':
