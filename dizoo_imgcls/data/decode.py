@@ -39,6 +39,23 @@ DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Index
                  Image.DecompressionBombWarning)
 
 
+EXIF_HEADER = b'Exif\x00\x00'
+XMP_HEADER = b'http://ns.adobe.com/xap/1.0/\x00'
+XMP_ORIENTATION = re.compile(rb'tiff:Orientation(="|>)([0-9])')  # Pillow's pattern (Image.getexif)
+ORIENTATION_TAG = 0x0112
+# EXIF orientation -> the numpy view that makes the stored pixels upright, as PIL.ImageOps.exif_transpose does
+# (2 FLIP_LEFT_RIGHT, 3 ROTATE_180, 4 FLIP_TOP_BOTTOM, 5 TRANSPOSE, 6 ROTATE_270, 7 TRANSVERSE, 8 ROTATE_90).
+UPRIGHT = {
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.transpose(1, 0, 2),
+    6: lambda a: a[::-1].transpose(1, 0, 2),
+    7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),
+    8: lambda a: a[:, ::-1].transpose(1, 0, 2),
+}
+
+
 class UnreadableImageError(Exception):
     """A file that is no usable image; the message is the reason (the caller adds the path)."""
 
@@ -86,6 +103,63 @@ def unreadable_on_error():
         raise
     except DECODE_ERRORS as e:
         raise UnreadableImageError(describe_error(e)) from e
+
+
+def _tiff_orientation(tiff: bytes) -> Optional[int]:
+    """The Orientation tag of a TIFF structure's first IFD (EXIF's IFD0), or None."""
+    order = {b'II': '<', b'MM': '>'}.get(tiff[:2])
+    if order is None:
+        return None
+    try:
+        (ifd,) = struct.unpack_from(order + 'I', tiff, 4)
+        (entries,) = struct.unpack_from(order + 'H', tiff, ifd)
+        for entry in range(ifd + 2, ifd + 2 + 12 * entries, 12):
+            tag, kind = struct.unpack_from(order + 'HH', tiff, entry)
+            if tag == ORIENTATION_TAG:
+                return struct.unpack_from(order + ('H' if kind == 3 else 'I'), tiff, entry + 8)[0]
+    except struct.error:  # a damaged EXIF block: no orientation, as Pillow reads it
+        return None
+    return None
+
+
+def jpeg_orientation(data: bytes) -> int:
+    """A JPEG's EXIF orientation (1..8; 1 where there is none), read from the marker segments before the first
+    scan as Pillow reads them: the first ``Exif`` APP1's IFD0, else an XMP APP1's ``tiff:Orientation``. Costs
+    one length read per segment (~1 us for a plain JFIF file); only an APP1 segment is looked into."""
+    pos, end, xmp = 2, len(data), None
+    while pos + 4 <= end and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0xDA or marker == 0xD9:  # start of scan (or end of image): the header is over
+            break
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            pos += 2
+            continue
+        length = (data[pos + 2] << 8) | data[pos + 3]
+        if marker == 0xE1:
+            if data.startswith(EXIF_HEADER, pos + 4):
+                orientation = _tiff_orientation(data[pos + 4 + len(EXIF_HEADER):pos + 2 + length])
+                if orientation is not None:
+                    return orientation if 1 <= orientation <= 8 else 1
+            elif data.startswith(XMP_HEADER, pos + 4):
+                xmp = (pos + 4 + len(XMP_HEADER), pos + 2 + length)
+        pos += 2 + length
+    if xmp is not None:
+        match = XMP_ORIENTATION.search(data, *xmp)
+        if match and 1 <= int(match[2]) <= 8:
+            return int(match[2])
+    return 1
+
+
+def pil_orientation(img: Image.Image) -> int:
+    """The EXIF (or XMP) orientation of a non-JPEG file (PNG, WebP, TIFF) from what Pillow read with its header;
+    1 where none. Pillow's base ``getexif``: PNG's own would decode the pixels first, to find an eXIf chunk
+    written after the image data, which is rare; here the pixels stay undecoded until a transform asks."""
+    with unreadable_on_error():
+        orientation = Image.Image.getexif(img).get(ORIENTATION_TAG, 1)
+    return orientation if orientation in UPRIGHT else 1
 
 
 def check_pixel_limit(width: int, height: int) -> None:
@@ -153,7 +227,11 @@ class ImageSource:
 
 class EncodedImage(ImageSource):
     """One image file's bytes: its size from the header, its pixels decoded on demand at 1/``factor`` scale
-    (1, 2, 4 or 8; JPEG only, other formats always decode at full size), the whole image or one box of it."""
+    (1, 2, 4 or 8; JPEG only, other formats always decode at full size), the whole image or one box of it.
+
+    Pixels, size and boxes are those of the upright image: an EXIF orientation other than 1 is applied after
+    decoding, as ``PIL.ImageOps.exif_transpose`` does (a numpy view, copied once). ``stored_hw`` is the size as
+    stored in the file. The region decoder reads stored pixels, so such files take the whole-image path."""
 
     def __init__(self, data: bytes, decoder: str = 'auto') -> None:
         if not data:
@@ -161,19 +239,22 @@ class EncodedImage(ImageSource):
         self.data = data
         self._pil: Optional[Image.Image] = None
         decoder = resolve_decoder(decoder)
-        self.turbo = decoder in ('region', 'simplejpeg') and data[:3] == JPEG_MAGIC
+        jpeg = data[:3] == JPEG_MAGIC
+        self.turbo = decoder in ('region', 'simplejpeg') and jpeg
         if self.turbo:
             try:
-                self.height, self.width = simplejpeg.decode_jpeg_header(data)[:2]
+                self.stored_hw = tuple(simplejpeg.decode_jpeg_header(data)[:2])
             except ValueError:
                 self.turbo = False  # Pillow gets a go, and names the problem if it fails too
-        # A file that does not end in the end-of-image marker (truncated, or trailing bytes) is decoded whole,
-        # so whether it is refused does not depend on where a crop falls.
-        self.region = self.turbo and decoder == 'region' and data.endswith(JPEG_END)
         if not self.turbo:
             self._pil = open_pil(data)
-            self.width, self.height = self._pil.size
-        check_pixel_limit(self.width, self.height)
+            self.stored_hw = self._pil.size[::-1]
+        check_pixel_limit(self.stored_hw[1], self.stored_hw[0])
+        self.orientation = jpeg_orientation(data) if jpeg else pil_orientation(self._pil)
+        self.height, self.width = self.stored_hw[::-1] if self.orientation >= 5 else self.stored_hw
+        # A file that does not end in the end-of-image marker (truncated, or trailing bytes) is decoded whole,
+        # so whether it is refused does not depend on where a crop falls.
+        self.region = self.turbo and decoder == 'region' and data.endswith(JPEG_END) and self.orientation == 1
 
     def decode(self, factor: int = 1, fast_upsample: bool = False) -> np.ndarray:
         """HxWx3 uint8 RGB; for a JPEG each side is ``ceil(side / factor)``.
@@ -181,20 +262,25 @@ class EncodedImage(ImageSource):
         ``fast_upsample`` (TurboJPEG only) upsamples subsampled chroma by repeating samples instead of
         libjpeg's triangular filter: ~11% less time for a full-size decode of a 4:2:0 500x375 JPEG, and a
         mean difference of ~0.25/255 per pixel value (docs/BENCHMARKS.md, "Data loader")."""
+        pixels = None
         if self.turbo:
             height, width = self.decoded_hw(factor)
             try:
-                return simplejpeg.decode_jpeg(self.data, colorspace='RGB', min_height=height, min_width=width,
-                                              min_factor=factor, strict=True, fastupsample=fast_upsample)
+                pixels = simplejpeg.decode_jpeg(self.data, colorspace='RGB', min_height=height, min_width=width,
+                                                min_factor=factor, strict=True, fastupsample=fast_upsample)
             except ValueError:
                 # strict TurboJPEG also refuses files with harmless warnings (extra bytes after the image):
                 # Pillow decides, so both decoders accept and refuse the same files.
                 self._pil = open_pil(self.data)
-        return self._decode_pil(factor)
+        if pixels is None:
+            pixels = self._decode_pil(factor)
+        if self.orientation == 1:
+            return pixels
+        return np.ascontiguousarray(UPRIGHT[self.orientation](pixels))  # torch.from_numpy needs positive strides
 
     def decoded_hw(self, factor: int) -> Tuple[int, int]:
-        """The size of a JPEG decoded at 1/``factor`` scale: each side ``ceil(side / factor)``."""
-        return -(-self.height // factor), -(-self.width // factor)
+        """The stored size of a JPEG decoded at 1/``factor`` scale: each side ``ceil(side / factor)``."""
+        return -(-self.stored_hw[0] // factor), -(-self.stored_hw[1] // factor)
 
     def decode_box(self, box: Sequence[float], factor: int = 1, fast_upsample: bool = False) -> np.ndarray:
         if self.region:
@@ -215,7 +301,7 @@ class EncodedImage(ImageSource):
         with unreadable_on_error():
             if factor > 1 and img.format == 'JPEG':
                 img.draft(img.mode if img.mode == 'CMYK' else 'RGB',
-                          (max(1, self.width // factor), max(1, self.height // factor)))
+                          (max(1, self.stored_hw[1] // factor), max(1, self.stored_hw[0] // factor)))
             rgb = pil_to_rgb(img)
             rgb.load()
         return np.array(rgb)  # a writable copy: torch.from_numpy warns on Pillow's read-only buffer

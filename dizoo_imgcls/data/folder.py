@@ -12,7 +12,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
@@ -29,8 +29,8 @@ class DataLayoutError(Exception):
 
 
 def load_rgb(path: str, draft_size: Optional[int] = None) -> Image.Image:
-    """Open an image as 8-bit RGB with Pillow (grayscale, palette, CMYK, RGBA and 16-bit all become RGB);
-    Pillow's own exceptions pass through.
+    """Open an image as 8-bit RGB with Pillow (grayscale, palette, CMYK, RGBA and 16-bit all become RGB), turned
+    upright by its EXIF orientation; Pillow's own exceptions pass through.
 
     ``draft_size`` lets libjpeg decode a JPEG at 1/2, 1/4 or 1/8 scale while the shorter side stays at
     least ``draft_size`` px.
@@ -39,7 +39,7 @@ def load_rgb(path: str, draft_size: Optional[int] = None) -> Image.Image:
         img = Image.open(f)
         if draft_size is not None and img.format == 'JPEG':
             img.draft('RGB', (draft_size, draft_size))
-        img = pil_to_rgb(img)
+        img = pil_to_rgb(ImageOps.exif_transpose(img))  # upright, as the training reader sees it
         img.load()
         return img
 
