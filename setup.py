@@ -40,5 +40,7 @@ setup(
         # tensorboard: tests read event files and query a live TensorBoard server over HTTP;
         # pytest-xdist: the suite runs in two processes (pytest.ini), most of its time is single-threaded start-up
         'test': ['pytest>=7', 'pytest-xdist>=3', 'tensorboard>=2.12'],
+        # peers: fastai for benchmarks/peers.py (its own Imagenette recipe beside ours); never needed to train
+        'peers': ['fastai>=2.7'],
     },
 )
