@@ -69,10 +69,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not args.raw_only and not (args.data_root and os.path.isdir(os.path.join(args.data_root, 'train'))):
         parser.error(f'--data-root {args.data_root!r} has no train/ folder')
-    from fastai.vision.models import xresnet
-    if not callable(getattr(xresnet, args.arch, None)) or args.arch.startswith('_') or args.arch == 'XResNet':
+    if not is_xresnet_model(args.arch):
         parser.error(f'--arch {args.arch!r} is not a model of fastai.vision.models.xresnet')
     return args
+
+
+def is_xresnet_model(name: str) -> bool:
+    """A model builder of fastai's xresnet module (xresnet18, xse_resnext50, ...; not XResNet or init_cnn)."""
+    from fastai.vision.models import xresnet
+    return name.startswith('x') and name in xresnet.__all__
 
 
 def precision(learn, device: str) -> str:
@@ -117,11 +122,10 @@ def build_learner(args, dls):
 
 def build_dls(args):
     from fastai.data.block import CategoryBlock, DataBlock
-    from fastai.data.transforms import GrandparentSplitter, get_image_files, parent_label
+    from fastai.data.transforms import GrandparentSplitter, Normalize, get_image_files, parent_label
     from fastai.vision.augment import FlipItem, RandomResizedCrop
     from fastai.vision.core import imagenet_stats
     from fastai.vision.data import ImageBlock
-    from fastai.data.transforms import Normalize
 
     dblock = DataBlock(blocks=(ImageBlock, CategoryBlock), splitter=GrandparentSplitter(valid_name='val'),
                        get_items=get_image_files, get_y=parent_label,
@@ -166,6 +170,8 @@ def plan_epochs(args, dls, budget_seconds: float) -> dict:
 
     class Probe(Callback):
         def after_batch(self):
+            if not self.training:  # an epoch shorter than the probe goes on to validate: not timed here
+                return
             stamps.append(time.perf_counter())
             if len(stamps) > PROBE_WARMUP_BATCHES + args.probe_batches:
                 raise CancelFitException()
@@ -173,9 +179,13 @@ def plan_epochs(args, dls, budget_seconds: float) -> dict:
     start = time.perf_counter()
     probe, _ = build_learner(args, dls)
     with probe.no_bar():
+        fit_start = time.perf_counter()
         probe.fit(1, args.lr, wd=args.wd, cbs=[Probe()])
     timed = stamps[PROBE_WARMUP_BATCHES:]
-    train_batch = (timed[-1] - timed[0]) / max(1, len(timed) - 1)
+    if len(timed) >= 2:
+        train_batch = (timed[-1] - timed[0]) / (len(timed) - 1)
+    else:  # an epoch of too few batches to leave the warm-up out: all of them, start-up included
+        train_batch = (stamps[-1] - fit_start) / len(stamps)
     val_start, val_batches = time.perf_counter(), 0
     probe.model.eval()
     with torch.no_grad():

@@ -14,8 +14,11 @@ label-smoothing CE), once per ``--arch``: by default xresnet18 (the ResNet-18-si
 record's model family, without its self-attention and MaxBlurPool stem, as fastai's script builds it). fastai
 gets the best settings its API allows here: torch threads = cores, the recipe's loader workers min(8, cores),
 bf16 autocast through ``learn.to_bf16()`` on a GPU (fastai autocasts on CUDA only, so fp32 on a CPU), and
-fastai's ChannelsLast callback when our policy uses channels_last. The JSON says which in each peer's
-``precision``, ``channels_last``, ``num_workers`` and ``torch_threads``.
+fastai's ChannelsLast callback when our policy uses channels_last (``--peer-arg=--channels-last=0`` and
+``--peer-arg=--workers=N`` override both). The JSON says which in each peer's ``precision``, ``channels_last``,
+``num_workers`` and ``torch_threads``. Evaluation crops differ as the recipes do: fastai squashes the whole image
+to size + 14% (rounded up to 8 px) and crops the central ``size`` px, ours resizes the short side to size / 0.875
+and crops the centre; both on the whole val split, without TTA for the peers (ours reports top1_tta beside).
 
 Wall budget (``--peer-budget``): 'full' trains every peer for all epochs. 'ours' (the default) gives each peer
 at most our run's measured wall time, the whole process from start to exit as for ours: after its data set-up
@@ -48,6 +51,7 @@ from imagenette import (CONFIG, SHARED_IMAGENETTE, environment, num_classes, our
                         raw_step_speed, run_ours, run_watched)
 from dizoo_imgcls.config import ConfigError, build_config, load_config_file  # noqa: E402  (imagenette put REPO first)
 from _emit import emit  # noqa: E402
+from _fastai_imagenette import is_xresnet_model  # noqa: E402
 
 PEER = os.path.join(os.path.dirname(os.path.abspath(__file__)), '_fastai_imagenette.py')
 DEFAULT_ARCHS = ('xresnet18', 'xse_resnext50')
@@ -83,6 +87,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("fastai is not installed: pip install -e '.[peers]'")
     args.device = ('cuda' if torch.cuda.is_available() else 'cpu') if args.device == 'auto' else args.device
     args.archs = args.archs or list(DEFAULT_ARCHS)
+    for arch in args.archs:
+        if not is_xresnet_model(arch):
+            parser.error(f'--arch {arch!r} is not a model of fastai.vision.models.xresnet '
+                         f'(e.g. {", ".join(DEFAULT_ARCHS)}, xse_resnext18)')
     args.data_root = os.path.abspath(args.data_root)
     return args
 
