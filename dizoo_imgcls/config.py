@@ -170,7 +170,7 @@ def type_mismatch(value: Any, current: Any, any_number: bool = False) -> Optiona
         ok = True
     if ok:
         return None
-    if isinstance(current, (int, float)) and any_number:
+    if isinstance(current, (int, float)) and not isinstance(current, bool) and any_number:
         return 'a number'
     if isinstance(current, dict):
         return 'a dict'

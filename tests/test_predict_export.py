@@ -176,9 +176,13 @@ def test_table_for_one_file_names_the_image_and_its_classes(checkpoint_path, mix
 
 
 def test_nothing_predictable_exits_1(checkpoint_path, mixed_dir, tmp_path, capsys):
+    code, out, err = run_predict(capsys, '--checkpoint', checkpoint_path, '--input', str(mixed_dir / 'broken.jpg'))
+    assert code == 1 and out == ''
+    assert 'broken.jpg' in err and 'no image could be predicted' in err
+    # an input that is not there is a command-line mistake: exit 2 (issue 23)
     code, out, err = run_predict(capsys, '--checkpoint', checkpoint_path,
                                  '--input', str(mixed_dir / 'broken.jpg'), str(tmp_path / 'missing'))
-    assert code == 1 and out == ''
+    assert code == 2 and out == ''
     assert 'broken.jpg' in err and 'missing: no such file or folder' in err and 'no image could be predicted' in err
 
 
