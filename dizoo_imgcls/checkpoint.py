@@ -18,7 +18,8 @@ import logging
 import os
 import random
 import re
-from typing import Any, Dict, List, Optional
+import shutil
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -31,6 +32,84 @@ _STEP_NAME = re.compile(r'^(?:epoch_\d+_)?iter_(\d+)\.pth\.tar$')
 
 class CheckpointError(Exception):
     """A checkpoint cannot be read or is not ours; the message names the file."""
+
+
+class DiskWriteError(Exception):
+    """Writing one of the run's files failed for a reason outside the program (a full disk, a quota, a read-only
+    or vanished file system); the message names the file, the reason and the free space left."""
+
+    def __init__(self, path: str, error: OSError) -> None:
+        super().__init__(f'cannot write {path}: {error.strerror or error} ({free_space(path)} free there)')
+        self.path, self.errno = path, error.errno
+
+
+def free_space(path: str) -> str:
+    """Free space of the file system holding ``path`` (or its nearest existing parent), e.g. '1.2 MiB'."""
+    folder = os.path.abspath(path)
+    while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    try:
+        free = float(shutil.disk_usage(folder).free)
+    except OSError:
+        return 'unknown space'
+    for unit in ('bytes', 'KiB', 'MiB', 'GiB'):
+        if free < 1024 or unit == 'GiB':
+            return f'{free:.0f} {unit}' if unit == 'bytes' else f'{free:.1f} {unit}'
+        free /= 1024
+    return ''
+
+
+def os_error_in(error: BaseException) -> Optional[OSError]:
+    """The OSError (with an errno) behind ``error``, itself or along its chain: torch.save reports a failed write
+    as a RuntimeError ('unexpected pos') whose context is the OSError (ENOSPC, EDQUOT, EROFS, ...)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError) and error.errno is not None:
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def temp_path(path: str) -> str:
+    """Where the atomic writers put ``path``'s content before the rename: ``.NAME.tmp-PID`` beside it (the PID
+    tells a later run whether the writer is still alive: ``sweep_stale_temp_files``)."""
+    return os.path.join(os.path.dirname(os.path.abspath(path)), f'.{os.path.basename(path)}.tmp-{os.getpid()}')
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:  # already gone; or it cannot be removed now, and a later run's sweep removes it
+        pass
+
+
+def atomic_write(path: str, write) -> None:
+    """``write(file)`` into a temporary file beside ``path``, flush + fsync, rename over ``path``.
+
+    A reader (or a restarted run) sees either the old complete file or the new complete file, never a partial
+    one, even if the process is killed with SIGKILL in the middle of the write. A write that fails (full disk,
+    quota, read-only file system) removes its temporary file and raises ``DiskWriteError``; ``path`` is left as
+    it was."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = temp_path(path)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        try:
+            with open(tmp, 'wb') as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                _remove_quietly(tmp)
+        _fsync_dir(folder)
+    except Exception as e:  # only failures of the file system; anything else (a bug) keeps its traceback
+        cause = os_error_in(e)
+        if cause is None:
+            raise
+        raise DiskWriteError(path, cause) from None
 
 
 def one_line(error: BaseException, limit: int = 300) -> str:
@@ -51,40 +130,89 @@ def _fsync_dir(path: str) -> None:
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:
-    """Write to a temporary file in the same folder, flush + fsync, then rename over ``path``.
+    """``torch.save`` through ``atomic_write``: the old complete file or the new one, never a partial one."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
-    A reader (or a restarted run) sees either the old complete file or the new complete file, never a
-    partial one, even if the process is killed with SIGKILL in the middle of the write."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f'.{os.path.basename(path)}.tmp-{os.getpid()}')
+
+_TEMP_NAME = re.compile(r'^\..+\.tmp-(\d+)$')
+
+
+def pid_alive(pid: int) -> bool:
     try:
-        with open(tmp, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    _fsync_dir(folder)
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a process of another user
+        return True
+    return True
+
+
+def sweep_stale_temp_files(*folders: str) -> List[str]:
+    """Remove the ``.NAME.tmp-PID`` files that writers killed mid-write (SIGKILL, a lost node) left in
+    ``folders``, only those whose PID no longer runs; returns the removed paths."""
+    removed = []
+    for folder in folders:
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            continue
+        for name in names:
+            match = _TEMP_NAME.match(name)
+            if match and int(match.group(1)) != os.getpid() and not pid_alive(int(match.group(1))):
+                path = os.path.join(folder, name)
+                try:
+                    os.remove(path)
+                except OSError:
+                    continue
+                removed.append(path)
+    return removed
+
+
+def _describe_start(head: bytes) -> str:
+    """What the first bytes of a file that is no checkpoint look like, for the error message."""
+    try:
+        text = head.decode('utf-8')
+    except UnicodeDecodeError:
+        return f'it starts with the bytes {head[:8].hex(" ")}'
+    if text.lstrip()[:1] in ('{', '['):
+        return 'it looks like a JSON file'
+    return f'it starts with the text {text[:16]!r}'
 
 
 def load_checkpoint(path: str) -> Dict[str, Any]:
-    """Load tensors and plain containers only: pickled code in the file is refused, never executed."""
+    """Load tensors and plain containers only: pickled code in the file is refused, never executed.
+
+    The error says what the file is: empty; not a checkpoint at all (neither the zip archive ``torch.save``
+    writes nor a pickle); a damaged or truncated one; or one holding pickled Python objects (the refusal that
+    protects against checkpoints that would run code)."""
     if not os.path.isfile(path):
         raise CheckpointError(f'checkpoint not found: {path}')
+    try:
+        size = os.path.getsize(path)
+        with open(path, 'rb') as f:
+            head = f.read(16)
+    except OSError as e:
+        raise CheckpointError(f'cannot read checkpoint {path}: {e.strerror or e}') from None
+    if size == 0:
+        raise CheckpointError(f'{path} is empty (0 bytes): not a checkpoint (a copy or download that never '
+                              f'finished?)')
+    is_zip, is_pickle = head.startswith(b'PK\x03\x04'), head[:1] == b'\x80'  # torch.save / legacy and plain pickle
+    if not (is_zip or is_pickle):
+        raise CheckpointError(f'{path} is not a checkpoint: neither the zip archive torch.save writes nor a '
+                              f'pickle ({_describe_start(head)}; {size} bytes)')
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # UnpicklingError for unsafe content, RuntimeError/EOFError for damaged files
         # 'Unsupported global': a pickled reference to a Python callable or class; 'Unsupported operand': a
         # plain-pickle stream (not torch.save) whose opcodes the safe unpickler does not accept.
-        if 'unsupported global' in str(e).lower() or 'unsupported operand' in str(e).lower():
+        message = str(e).lower()
+        if 'unsupported global' in message or (is_pickle and 'unsupported operand' in message):
             raise CheckpointError(
                 f'refusing to load {path}: it holds pickled Python objects, not just tensors and plain data, '
                 f'and loading it could run arbitrary code'
             ) from None
-        raise CheckpointError(f'cannot read checkpoint {path}: {type(e).__name__}: {e}') from None
+        raise CheckpointError(f'cannot read checkpoint {path}: it is damaged or truncated ({size} bytes; '
+                              f'{type(e).__name__}: {one_line(e, 200)})') from None
 
 
 def rng_state() -> Dict[str, Any]:
@@ -172,8 +300,8 @@ def set_aside_later_checkpoints(ckpt_dir: str, iteration: int) -> Optional[str]:
 
 
 def latest_checkpoint(ckpt_dir: str) -> Optional[str]:
-    """The newest step checkpoint that loads; damaged files are skipped (they cannot come from our own
-    atomic writer, but a disk can still lose them)."""
+    """The newest step checkpoint that loads (``ckpt_best`` is not one); damaged files are skipped (they cannot
+    come from our own atomic writer, but a disk can still lose them)."""
     for path in reversed(step_checkpoints(ckpt_dir)):
         try:
             state = load_checkpoint(path)
@@ -182,6 +310,35 @@ def latest_checkpoint(ckpt_dir: str) -> Optional[str]:
         if state.get('format') == CHECKPOINT_FORMAT:
             return path
     return None
+
+
+def resumable_checkpoint(ckpt_dir: str) -> Tuple[Optional[str], Optional[Dict[str, Any]], List[str]]:
+    """What ``--resume auto`` continues from: ``(path, state, skipped)``, the newest complete and loadable of all
+    the folder's checkpoints, ``ckpt_best`` included (a kill between writing it and the epoch's checkpoint leaves
+    it the newest). Newest by training iteration; at equal iterations a step checkpoint. ``skipped`` says which
+    newer files were passed over and why (damaged, not ours)."""
+    candidates, skipped, loaded = [], [], {}
+    for path in step_checkpoints(ckpt_dir):
+        candidates.append((int(_STEP_NAME.match(os.path.basename(path)).group(1)), 1, path))
+    best = os.path.join(ckpt_dir, BEST_NAME)
+    if os.path.isfile(best):  # its iteration is inside it
+        try:
+            loaded[best] = load_checkpoint(best)
+        except CheckpointError as e:  # of unknown age: named whichever checkpoint is chosen
+            skipped.append(f'{best} ({e})')
+        else:
+            candidates.append((loaded[best].get('last_iter', 0) if isinstance(loaded[best], dict) else 0, 0, best))
+    for _, _, path in sorted(candidates, reverse=True):
+        try:
+            state = loaded[path] if path in loaded else load_checkpoint(path)
+        except CheckpointError as e:
+            skipped.append(f'{path} ({e})')
+            continue
+        if not isinstance(state, dict) or state.get('format') != CHECKPOINT_FORMAT:
+            skipped.append(f'{path} (not a dizoo_imgcls checkpoint)')
+            continue
+        return path, state, skipped
+    return None, None, skipped
 
 
 def model_state_from_file(path: str) -> Dict[str, torch.Tensor]:

@@ -5,9 +5,12 @@ it shows one plain line every ``log_every`` iterations. Both end each epoch with
 ``train.log`` always gets the plain lines.
 """
 import logging
+import math
 import os
+import statistics
 import sys
 import time
+from collections import deque
 from contextlib import ExitStack
 from typing import Any, Callable, Dict, Mapping, Optional, TextIO
 
@@ -234,6 +237,45 @@ class TrainLoggerHook(LearnerHook):
         """Share of the training wall time spent waiting for data, over the whole run."""
         t = self.totals()
         return t['data_wait_seconds'] / t['train_seconds'] if t['train_seconds'] else 0.0
+
+
+class TrainingDiverged(Exception):
+    """The training loss became non-finite (or spiked): the run stopped before saving anything from that state."""
+
+
+class LossGuardHook(LearnerHook):
+    """Stops the run at the first non-finite training loss, before anything else sees that iteration: the
+    logger, and the checkpoints the run writes after it (the weights are already updated by then). With
+    ``spike_factor`` > 0 also at a loss above ``spike_factor`` times the median of the last ``window`` losses.
+
+    Only the loss is checked, a Python float the policy already has: no extra GPU sync. With fp16 the
+    GradScaler skips the steps whose *gradients* overflowed (its loss is finite, its grad_norm NaN) and lowers
+    its scale; those steps are not errors."""
+
+    def __init__(self, spike_factor: float = 0.0, window: int = 100, iters_per_epoch: int = 0) -> None:
+        super().__init__('dizoo_imgcls_loss_guard', priority=5, position='after_iter')  # before the logger's 15
+        self._factor = float(spike_factor or 0.0)
+        self._recent = deque(maxlen=window)
+        self._min_history = min(20, window)
+        self._per_epoch = iters_per_epoch
+
+    def __call__(self, engine) -> None:
+        out = engine.log_buffer['scalar']
+        loss = out['loss']
+        if math.isfinite(loss) and not self._factor:
+            return
+        iteration = engine.last_iter.val + 1  # the learner counts this iteration only after its hooks
+        where = f'at iteration {iteration}' + (f' (epoch {(iteration - 1) // self._per_epoch + 1})'
+                                               if self._per_epoch else '')
+        if not math.isfinite(loss):
+            raise TrainingDiverged(f'training diverged {where}: the loss is {loss} (lr {out["lr"]:.4g})')
+        if len(self._recent) >= self._min_history:
+            median = statistics.median(self._recent)
+            if loss > self._factor * median:
+                raise TrainingDiverged(f'training diverged {where}: the loss {loss:.4g} is above loss_spike_factor='
+                                       f'{self._factor:g} x {median:.4g}, the median of the last '
+                                       f'{len(self._recent)} (lr {out["lr"]:.4g})')
+        self._recent.append(loss)
 
 
 class CheckpointHook(LearnerHook):

@@ -95,12 +95,21 @@ class ImageClassificationMetric(IMetric):
         return result
 
     def gt(self, metric1: Dict[str, float], metric2: Optional[Union[Dict[str, float], float]]) -> bool:
-        """Whether ``metric1`` is at least as good as ``metric2`` on ``self.key`` (a number is a threshold)."""
+        """Against a best result (a dict): whether ``metric1`` is strictly better on ``self.key``, so a tie (a
+        chance-level epoch after a chance-level best) never replaces the best. Against a number (a stop_value):
+        whether it is reached, ties included. A NaN result is never better; anything beats a NaN best."""
+        a = metric1[self.key]
+        if a != a:  # NaN
+            return False
         if metric2 is None or (isinstance(metric2, dict) and self.key not in metric2):
             return True  # no best yet, or one recorded under another metric_key (a resume that changed it)
-        a = metric1[self.key]
-        b = metric2[self.key] if isinstance(metric2, dict) else float(metric2)
-        return a <= b if self.lower_is_better else a >= b
+        if not isinstance(metric2, dict):
+            b = float(metric2)
+            return a <= b if self.lower_is_better else a >= b
+        b = metric2[self.key]
+        if b is None or b != b:  # a NaN best (from a run before this check; JSON null)
+            return True
+        return a < b if self.lower_is_better else a > b
 
 
 @dataclass(order=True)

@@ -1,5 +1,6 @@
 """The training run: data -> policy -> DI-engine BaseLearner + MetricSerialEvaluator -> experiment folder."""
 import atexit
+import functools
 import json
 import logging
 import os
@@ -16,18 +17,19 @@ from ding.utils import set_pkg_seed
 from ding.worker import BaseLearner, MetricSerialEvaluator
 from easydict import EasyDict
 
-from .checkpoint import (CHECKPOINT_FORMAT, CheckpointError, atomic_torch_save, latest_checkpoint, load_checkpoint,
-                         one_line, prune_checkpoints, rng_state, set_aside_later_checkpoints, set_rng_state,
-                         step_checkpoint_name, to_plain)
+from .checkpoint import (CHECKPOINT_FORMAT, CheckpointError, DiskWriteError, atomic_torch_save, load_checkpoint,
+                         one_line, prune_checkpoints, resumable_checkpoint, rng_state, set_aside_later_checkpoints,
+                         set_rng_state, step_checkpoint_name, sweep_stale_temp_files, to_plain)
 from .config import MISSING, get_dotted, save_config_file
 from .data import EvalEvent, build_loaders, shutdown_workers
 from .data.check import check_splits_readable
-from .hooks import CheckpointHook, TrainLoggerHook
+from .hooks import CheckpointHook, LossGuardHook, TrainingDiverged, TrainLoggerHook
 from .metric import DiagnosticMetric
 from .model import check_model_options, model_options
 from .policy import ImageClassificationPolicy
-from .runtime import (LazyWriter, NullWriter, elastic_restart_count, experiment_dir, init_distributed,
-                      remove_restart_marker, set_deterministic, setup_logging, write_json)
+from .runtime import (LazyWriter, NullWriter, check_exp_name, elastic_restart_count, experiment_dir, init_distributed,
+                      quiet_write_errors, release_experiment_dir, remove_restart_marker, set_deterministic,
+                      setup_logging, write_json)
 from .summary import run_facts
 from .tb_visuals import TensorBoardVisuals, log_hparams
 
@@ -55,6 +57,10 @@ def check_run_settings(cfg: EasyDict) -> None:
     for name, types in (('exp_name', str), ('output_dir', (str, os.PathLike))):
         if not isinstance(cfg[name], types) or not str(cfg[name]):
             raise ValueError(f'{name} must be a non-empty string, got {cfg[name]!r} (quote it: --set {name}="...")')
+    check_exp_name(cfg)
+    spike = cfg.get('loss_spike_factor', 0)
+    if isinstance(spike, bool) or not isinstance(spike, (int, float)) or not (spike == 0 or spike > 1):
+        raise ValueError(f'loss_spike_factor must be 0 (off) or a number above 1, got {spike!r}')
     epochs = cfg.policy.learn.train_epoch
     if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
         raise ValueError(f'policy.learn.train_epoch must be a positive number of epochs, got {epochs!r}')
@@ -100,6 +106,59 @@ def interrupt_guard():
         yield lambda: bool(hits)
     finally:
         signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
+
+
+class Terminated(Exception):
+    """SIGTERM stopped the run at ``checkpoint``, which it wrote (every rank agreed on the iteration first)."""
+
+    def __init__(self, checkpoint: str, iteration: int, rank: int) -> None:
+        super().__init__(f'terminated (SIGTERM) at iteration {iteration}; saved {checkpoint}')
+        self.checkpoint, self.iteration, self.rank = checkpoint, iteration, rank
+
+
+@contextmanager
+def termination_guard():
+    """SIGTERM (what Slurm, Kubernetes and torchrun send before they kill) is remembered, as the callable this
+    yields, instead of ending the process at once: the loop finishes the running step, writes a checkpoint and
+    raises ``Terminated``. Forked data-loader workers inherit the handler, so a SIGTERM sent to the whole process
+    group (Slurm) leaves them serving until the main process stops them."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) == signal.SIG_IGN:
+        yield lambda: False
+        return
+    hits = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: hits.append(signum))
+    try:
+        yield lambda: bool(hits)
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _worker_leaves_sigterm_to_the_run(previous, worker_id: int) -> None:
+    """``worker_init_fn`` of the run's data loaders: a SIGTERM sent to the whole process group (Slurm) would kill
+    the workers mid-batch (PyTorch's handler), and the run would then fail wherever it is ('DataLoader worker ...
+    killed by signal'), not finish its step and save. A worker ignores the first SIGTERM (the main process stops
+    it when it ends); a second one, e.g. from multiprocessing's clean-up at exit, ends it as before."""
+    signal.signal(signal.SIGTERM, _second_sigterm_ends_the_worker)
+    if previous is not None:
+        previous(worker_id)
+
+
+def _second_sigterm_ends_the_worker(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+# Under DDP the ranks agree on a SIGTERM (a tiny all-reduce) every this many batches and at each epoch's last
+# batch, not after every batch: a collective per step would cost speed.
+STOP_CHECK_EVERY = 10
+
+
+def non_finite_tensors(state: Dict[str, Any]) -> list:
+    """Names of the floating-point tensors of ``state`` holding a NaN or an infinity (one device sync)."""
+    floats = [(k, v) for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    if not floats:
+        return []
+    finite = torch.stack([torch.isfinite(v).all() for _, v in floats]).tolist()
+    return [k for (k, _), ok in zip(floats, finite) if not ok]
 
 
 def prepare_config(cfg: EasyDict, data) -> None:
@@ -156,14 +215,28 @@ class TrainingRun:
                              f'evaluates a shard of its own and needs at least one image; add validation images '
                              f'or start fewer processes')
         prepare_config(cfg, self.data)
+        for loader in (self.data.train_loader, self.data.val_loader):
+            loader.worker_init_fn = functools.partial(_worker_leaves_sigterm_to_the_run, loader.worker_init_fn)
         # The exact metric plus, in the same val pass, a confusion matrix and the most confident mistakes.
         self.metric = DiagnosticMetric(cfg.policy.eval.metric_key, cfg.policy.model.num_classes,
                                        self.data.val_sampler)
         if elastic_restart_count() > 0 and not cfg.resume:
             cfg.resume = 'auto'  # torchrun --max-restarts brought the job back: continue from its checkpoints
-        self.exp_dir = experiment_dir(cfg)
+        self.exp_dir = experiment_dir(cfg)  # claimed and locked by rank 0 until fit() ends
         self.ckpt_dir = os.path.join(self.exp_dir, 'ckpt')
+        self._training_started = False  # before: a failed run removes the folder it created (release_experiment_dir)
+        try:
+            self._setup(cfg)
+        except BaseException:
+            release_experiment_dir(remove=True)
+            raise
+
+    def _setup(self, cfg: EasyDict) -> None:
         setup_logging(self.exp_dir, self.rank)
+        if self.rank == 0:
+            stale = sweep_stale_temp_files(self.exp_dir, self.ckpt_dir)  # of writers killed mid-write
+            if stale:
+                logger.info(f'removed {len(stale)} temporary file(s) that killed runs left: {", ".join(stale)}')
         self.tb = LazyWriter(os.path.join(self.exp_dir, 'tb')) if self.rank == 0 else NullWriter()
         self.policy = ImageClassificationPolicy(cfg.policy, enable_field=['learn', 'eval'])
         self._build_workers()
@@ -190,6 +263,7 @@ class TrainingRun:
                                    dist_info=(self.rank, 1), exp_name=exp_name)
         self.learner.register_hook(CheckpointHook(self.ckpt_dir, self.state_dict, self.rank))
         iters = cfg.policy.learn.iters_per_epoch
+        self.learner.register_hook(LossGuardHook(cfg.get('loss_spike_factor', 0), iters_per_epoch=iters))
         batches = getattr(self.data.train_loader.batch_sampler, 'global_batch_sizes', None)
         self.log_hook = TrainLoggerHook(self.tb, cfg.log_every, cfg.policy.learn.train_epoch * iters, iters,
                                         self.world_size, self.rank, global_batch_sizes=batches() if batches else None)
@@ -203,12 +277,19 @@ class TrainingRun:
         for ding_logger in ('learner_logger', 'evaluator_logger'):
             # DI-engine's tables stay in exp_dir/log/*; the console gets our one-line summaries instead.
             logging.getLogger(ding_logger).propagate = False
+            quiet_write_errors(logging.getLogger(ding_logger))
 
     # ----- checkpoint state -----
     def state_dict(self) -> Dict[str, Any]:
+        policy = self.policy.learn_mode.state_dict()
+        broken = non_finite_tensors(policy['model'])
+        if broken:  # a loss still finite, but the step that followed it broke the weights: nothing of it is saved
+            lr = self.learner.log_buffer['scalar'].get('lr', float('nan'))
+            raise TrainingDiverged(f'training diverged by iteration {self.learner.train_iter} (lr {lr:.4g}): '
+                                   f'{len(broken)} weight tensor(s) hold NaN or infinite values (e.g. {broken[0]})')
         return {
             'format': CHECKPOINT_FORMAT,
-            'policy': self.policy.learn_mode.state_dict(),
+            'policy': policy,
             'last_iter': self.learner.last_iter.val,
             'position': {'epoch': self.epoch, 'batch': self.batch},
             'rng': rng_state(),
@@ -262,12 +343,18 @@ class TrainingRun:
             prune_checkpoints(self.ckpt_dir, self.cfg.checkpoint.keep_last)
 
     def resume(self) -> None:
-        resume = self.cfg.resume
-        path = latest_checkpoint(self.ckpt_dir) if resume == 'auto' else resume
-        if path is None:
-            logger.info(f'--resume auto: no checkpoint in {self.ckpt_dir} yet, starting from scratch')
-            return
-        self.load_state_dict(load_checkpoint(path), path)
+        if self.cfg.resume == 'auto':
+            path, state, skipped = resumable_checkpoint(self.ckpt_dir)
+            for reason in skipped:
+                logger.warning(f'--resume auto: skipped {reason}')
+            if path is None:
+                logger.info(f'--resume auto: no {"loadable " if skipped else ""}checkpoint in {self.ckpt_dir} yet, '
+                            f'starting from scratch')
+                return
+        else:
+            path = self.cfg.resume
+            state = load_checkpoint(path)
+        self.load_state_dict(state, path)
         if self.rank == 0:
             set_aside_later_checkpoints(self.ckpt_dir, self.learner.last_iter.val)
             # What the superseded run logged after this checkpoint (its iterations >= last_iter + 1) is hidden.
@@ -278,8 +365,15 @@ class TrainingRun:
 
     # ----- the loop -----
     def fit(self) -> Dict[str, Any]:
-        with interrupt_guard() as self._interrupted:
-            return self._fit()
+        try:
+            with interrupt_guard() as self._interrupted, termination_guard() as self._terminated:
+                return self._fit()
+        finally:
+            # Stopped loader workers on every way out: left to interpreter exit they can delay it or (after a
+            # SIGTERM, which they ignored) keep it waiting.
+            shutdown_workers(self.data.train_loader, self.data.val_loader)
+            # A run that failed before it trained leaves no folder behind (if it made it).
+            release_experiment_dir(remove=not self._training_started)
 
     def _fit(self) -> Dict[str, Any]:
         if self.cfg.resume:
@@ -288,7 +382,11 @@ class TrainingRun:
                 return self._already_finished()
         if self.rank == 0:
             # Without `resume`: run again with --config, the file starts a new run instead of continuing this one.
-            save_config_file(dict(self.cfg, resume=None), os.path.join(self.exp_dir, 'total_config.py'))
+            config_file = os.path.join(self.exp_dir, 'total_config.py')
+            try:
+                save_config_file(dict(self.cfg, resume=None), config_file)
+            except OSError as e:  # a full or read-only disk: one line, not a traceback
+                raise DiskWriteError(config_file, e) from None
             write_json(os.path.join(self.exp_dir, 'classes.json'), self.data.class_names)
         self._log_start()
         self.visuals.log_training_images(self.learner.train_iter)
@@ -299,7 +397,10 @@ class TrainingRun:
             stop = False
             if epoch % self.cfg.eval_every == 0 or epoch == self.cfg.policy.learn.train_epoch:
                 metrics, stop = self._evaluate(epoch)
-            self.save(step_checkpoint_name(self.learner.train_iter, epoch))
+            name = step_checkpoint_name(self.learner.train_iter, epoch)
+            self.save(name)
+            if epoch < self.cfg.policy.learn.train_epoch and not stop and self._stop_agreed():  # SIGTERM in eval/save
+                self._terminate(name, write=False)
             if stop:
                 logger.info(f'stop_value {self.cfg.policy.eval.evaluator.stop_value} reached at epoch {epoch}')
                 break
@@ -327,6 +428,7 @@ class TrainingRun:
         data.train_loader.batch_sampler.skip_batches = self.batch
         self.log_hook.restart_clock()
         learn_model = self.policy.learn_mode.get_attribute('learn_model')
+        self._training_started = True
         # DDP's join lets ranks whose shard ends one batch earlier wait without deadlocking the others.
         with learn_model.join() if hasattr(learn_model, 'join') else nullcontext():
             for batch in data.train_loader:
@@ -334,12 +436,35 @@ class TrainingRun:
                 self.batch += 1
                 if self._interrupted():  # a Ctrl-C that Python dropped (raised inside a destructor)
                     raise KeyboardInterrupt
+                if self._stop_agreed(self.batch % STOP_CHECK_EVERY == 0 or self.batch == len(data.train_loader)):
+                    self._terminate(step_checkpoint_name(self.learner.train_iter), write=True)
                 if every and self.learner.train_iter % every == 0 and self.batch < len(data.train_loader):
                     self.save(step_checkpoint_name(self.learner.train_iter))
                     self.log_hook.restart_clock()
         self.epoch, self.batch = epoch, 0
         self.policy.learn_mode.set_attribute('epoch', epoch)
         log_skipped_files(data.train_loader.dataset, self.tb, epoch, self.learner.train_iter, self.rank)
+
+    def _stop_agreed(self, sync_point: bool = True) -> bool:
+        """Whether a SIGTERM asks the run to stop here. Alone, at once; under DDP only at ``sync_point``s, which
+        every rank reaches at the same batch, and then for all ranks together (any rank's SIGTERM stops all)."""
+        if self.world_size == 1:
+            return self._terminated()
+        if not sync_point:
+            return False
+        device = 'cuda' if torch.distributed.get_backend() == 'nccl' else 'cpu'
+        flag = torch.tensor([1 if self._terminated() else 0], device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _terminate(self, name: str, write: bool) -> None:
+        """Stop for SIGTERM at a checkpoint: written now (mid-epoch; the loader position makes it resumable) or
+        just written (``write=False``); every rank waits until rank 0 has it on disk, then raises ``Terminated``."""
+        if write:
+            self.save(name)
+        if self.world_size > 1:
+            torch.distributed.barrier()
+        raise Terminated(os.path.join(self.ckpt_dir, name), self.learner.train_iter, self.rank)
 
     def _evaluate(self, epoch: int):
         last = epoch == self.cfg.policy.learn.train_epoch

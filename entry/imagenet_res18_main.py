@@ -5,6 +5,10 @@
     python entry/imagenet_res18_main.py --config config/imagenette_res18_config.py --data-root DIR \\
         --set policy.learn.train_epoch=1
     python entry/imagenet_res18_main.py --config config/imagenette_res18_config.py --data-root DIR --lr-find
+
+exit status: 0 done; 1 a bug (traceback); 2 bad input, settings, data or checkpoint, or the experiment is in use
+by another run; 3 training diverged (non-finite loss); 74 a file could not be written (full disk, quota,
+read-only file system); 130 Ctrl-C; 143 SIGTERM (a checkpoint was written first)
 """
 import argparse
 import os
@@ -68,13 +72,17 @@ def compile_cfg(args: argparse.Namespace):
     return cfg
 
 
+EXIT_DIVERGED, EXIT_WRITE_FAILED, EXIT_SIGTERM = 3, 74, 143  # 74: EX_IOERR of sysexits.h
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from dizoo_imgcls.checkpoint import CheckpointError
+    from dizoo_imgcls.checkpoint import CheckpointError, DiskWriteError
     from dizoo_imgcls.config import ConfigError
     from dizoo_imgcls.data import EXPECTED_LAYOUT, DataLayoutError
+    from dizoo_imgcls.hooks import TrainingDiverged
     from dizoo_imgcls.lr_find import find_lr
-    from dizoo_imgcls.train import train
+    from dizoo_imgcls.train import Terminated, train
 
     lr_find_options = {key: value for key, value in (('start', args.lr_find_start), ('end', args.lr_find_end),
                                                      ('steps', args.lr_find_steps)) if value is not None}
@@ -106,6 +114,18 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(interrupted_message(cfg), file=sys.stderr)
         return 130
+    except Terminated as e:  # every rank stops; one says where
+        if e.rank == 0:
+            print(f'{e}. Continue with: --resume {e.checkpoint}', file=sys.stderr)
+        return EXIT_SIGTERM
+    except TrainingDiverged as e:
+        print(f'error: {e}; nothing was saved from this state\n{resume_hint()} (with the same settings it will '
+              'likely diverge again: lower policy.learn.lr_per_256, or set policy.learn.grad_clip_norm)',
+              file=sys.stderr)
+        return EXIT_DIVERGED
+    except DiskWriteError as e:  # the checkpoints are written to a temporary file and renamed: none is partial
+        print(f'error: {e}\n{resume_hint()} once there is space', file=sys.stderr)
+        return EXIT_WRITE_FAILED
     except DataLayoutError as e:
         print(f'error: {e}. Pass --data-root DIR, or run with --demo to train on bundled digits', file=sys.stderr)
         return 2
@@ -115,15 +135,29 @@ def main(argv=None) -> int:
     return 0
 
 
-def interrupted_message(cfg) -> str:
-    """What to do after Ctrl-C: checkpoints are written atomically, so the newest complete one is safe."""
-    from dizoo_imgcls.checkpoint import latest_checkpoint
+def newest_checkpoint():
+    """(experiment folder, its newest complete and loadable checkpoint or None); (None, None) before a run."""
+    from dizoo_imgcls.checkpoint import resumable_checkpoint
     from dizoo_imgcls.runtime import current_experiment_dir
 
     exp_dir = current_experiment_dir()
     if exp_dir is None:
+        return None, None
+    return exp_dir, resumable_checkpoint(os.path.join(exp_dir, 'ckpt'))[0]
+
+
+def resume_hint() -> str:
+    exp_dir, newest = newest_checkpoint()
+    if newest is None:
+        return f'no checkpoint was written before it: nothing to resume{f" in {exp_dir}" if exp_dir else ""}'
+    return f'the newest complete checkpoint is {newest}; continue with: --resume {newest}'
+
+
+def interrupted_message(cfg) -> str:
+    """What to do after Ctrl-C: checkpoints are written atomically, so the newest complete one is safe."""
+    exp_dir, newest = newest_checkpoint()
+    if exp_dir is None:
         return 'interrupted before the run started; nothing was trained'
-    newest = latest_checkpoint(os.path.join(exp_dir, 'ckpt'))
     if newest is None:
         return f'interrupted before the first checkpoint; nothing to resume in {exp_dir}'
     return f'interrupted; the newest checkpoint is {newest}. Continue with: --resume {newest}'
