@@ -32,6 +32,9 @@ TOP_CONFIG = dict(
     resume=None,
     # (bool) Deterministic kernels, for bit-exact repeat runs and resumes (can be slower).
     deterministic=False,
+    # (float) Stop the run (exit 3) at a training loss above this many times the median of the last 100; 0: off.
+    # A non-finite loss always stops it.
+    loss_spike_factor=0.0,
     checkpoint=dict(
         # (int) Step checkpoints (epoch_N / iter_N) to keep; ckpt_best.pth.tar is always kept. 0 keeps all.
         keep_last=3,
