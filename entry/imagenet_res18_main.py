@@ -119,9 +119,11 @@ def main(argv=None) -> int:
             print(f'{e}. Continue with: --resume {e.checkpoint}', file=sys.stderr)
         return EXIT_SIGTERM
     except TrainingDiverged as e:
-        print(f'error: {e}; nothing was saved from this state\n{resume_hint()} (with the same settings it will '
-              'likely diverge again: lower policy.learn.lr_per_256, or set policy.learn.grad_clip_norm)',
-              file=sys.stderr)
+        advice = 'with the same settings it will likely diverge again: lower policy.learn.lr_per_256, or set ' \
+                 'policy.learn.grad_clip_norm'
+        hint = resume_hint()
+        print(f'error: {e}; nothing was saved from this state\n'
+              + (f'{hint} ({advice})' if '--resume' in hint else f'{hint}; {advice}'), file=sys.stderr)
         return EXIT_DIVERGED
     except DiskWriteError as e:  # the checkpoints are written to a temporary file and renamed: none is partial
         print(f'error: {e}\n{resume_hint()} once there is space', file=sys.stderr)
