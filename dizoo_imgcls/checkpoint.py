@@ -211,8 +211,9 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
                 f'refusing to load {path}: it holds pickled Python objects, not just tensors and plain data, '
                 f'and loading it could run arbitrary code'
             ) from None
+        reason = one_line(e, 200).split('. ')[0]  # torch's first sentence; the rest is advice on other cases
         raise CheckpointError(f'cannot read checkpoint {path}: it is damaged or truncated ({size} bytes; '
-                              f'{type(e).__name__}: {one_line(e, 200)})') from None
+                              f'{type(e).__name__}: {reason})') from None
 
 
 def rng_state() -> Dict[str, Any]:
