@@ -18,7 +18,7 @@ import torch
 
 from conftest import REPO
 from dizoo_imgcls.checkpoint import (CheckpointError, DiskWriteError, atomic_torch_save, load_checkpoint,
-                                     resumable_checkpoint, step_checkpoints)
+                                     step_checkpoints)
 from dizoo_imgcls.config import build_config, load_config_file
 from dizoo_imgcls.runtime import write_json
 
@@ -174,8 +174,9 @@ def test_chance_level_epochs_keep_the_first_best_also_after_a_resume(tmp_path):
 
 
 # ----- 2. a second process on the same experiment -----
+@pytest.mark.slow  # > 10 s on 2 cores
 def test_second_run_of_a_running_experiment_exits_2_naming_pid_and_host(tmp_path):
-    long_run = ['policy.learn.train_epoch=500']
+    long_run = ['policy.learn.train_epoch=5000']  # killed by the test long before its end
     first = start_entry(tmp_path, 'exp', *long_run, resume='auto')
     try:
         assert wait_for(lambda: step_checkpoints(str(tmp_path / 'exp' / 'ckpt')), 120, first), first.stderr.read()
@@ -197,7 +198,7 @@ def test_second_run_of_a_running_experiment_exits_2_naming_pid_and_host(tmp_path
         first.kill()
         first.wait()
     # the lock died with its holder: the requeued run now continues the experiment
-    resumed = run_entry(tmp_path, 'exp', 'policy.learn.train_epoch=500', 'policy.learn.lr_per_256=1e12',
+    resumed = run_entry(tmp_path, 'exp', *long_run, 'policy.learn.lr_per_256=1e12',
                         resume='auto')  # refused for the changed LR: but only after taking the lock
     assert 'in use' not in resumed.stderr and 'different settings' in resumed.stderr, resumed.stderr
 
@@ -346,10 +347,12 @@ def sigterm_run(tmp_path, exp, group: bool):
     assert summary['train_images'] == 3 * 25600  # no batch lost or repeated
 
 
+@pytest.mark.slow  # > 10 s on 2 cores
 def test_sigterm_writes_a_mid_epoch_checkpoint_prints_the_resume_line_and_exits_143(tmp_path):
     sigterm_run(tmp_path, 'term', group=False)
 
 
+@pytest.mark.slow  # > 10 s on 2 cores
 def test_sigterm_to_the_whole_process_group_with_loader_workers(tmp_path):
     sigterm_run(tmp_path, 'term_group', group=True)
 
@@ -374,7 +377,6 @@ def test_resume_auto_takes_ckpt_best_when_it_is_the_newest_and_names_a_damaged_n
         data = f.read()
     with open(damaged, 'wb') as f:
         f.write(data[:len(data) // 2])
-    assert resumable_checkpoint(ckpt)[0] == best
     result = run_entry(tmp_path, 'auto', *settings, resume='auto')
     assert result.returncode == 0, result.stderr[-2000:]
     assert f'--resume auto: skipped {damaged} (cannot read checkpoint {damaged}: it is damaged or truncated' \
@@ -417,6 +419,7 @@ def test_exp_name_outside_output_dir_is_refused_with_exit_2(tmp_path):
     assert not (tmp_path / 'a' / 'x').exists() and not out.exists()
 
 
+@pytest.mark.slow  # > 10 s on 2 cores
 def test_a_run_that_fails_before_training_leaves_no_folder_so_the_next_gets_the_name(tmp_path):
     broken = tmp_path / 'weights.pth'
     broken.write_bytes(b'')  # the model's pretrained weights are loaded after the folder is made
