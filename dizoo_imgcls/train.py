@@ -120,8 +120,8 @@ class Terminated(Exception):
 def termination_guard():
     """SIGTERM (what Slurm, Kubernetes and torchrun send before they kill) is remembered, as the callable this
     yields, instead of ending the process at once: the loop finishes the running step, writes a checkpoint and
-    raises ``Terminated``. Forked data-loader workers inherit the handler, so a SIGTERM sent to the whole process
-    group (Slurm) leaves them serving until the main process stops them."""
+    raises ``Terminated``. The data-loader workers ignore a first SIGTERM (``_worker_leaves_sigterm_to_the_run``),
+    so one sent to the whole process group (Slurm) leaves them serving until the main process stops them."""
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) == signal.SIG_IGN:
         yield lambda: False
         return
