@@ -193,14 +193,13 @@ def raw_step_speed_at(cfg, classes: int, device: str, warmup: int, steps: int, s
     run's batch and the given size, with the policy's memory format, mixed precision, optimizer and loss."""
     from dizoo_imgcls.model import build_model_from_cfg
     from dizoo_imgcls.policy.image_classification import resolve_amp_dtype
-    from dizoo_imgcls.policy.optim import build_optimizer
+    from dizoo_imgcls.policy.optim import build_optimizer, optimizer_options
 
     learn, batch = cfg.policy.learn, cfg.policy.learn.batch_size
     model = build_model_from_cfg(dict(cfg.policy.model, num_classes=classes, pretrained=None)).to(device)
     memory_format = torch.channels_last if learn.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format).train()
-    optimizer = build_optimizer(learn.optimizer, model.parameters(), 1e-3, momentum=learn.momentum,
-                                nesterov=learn.nesterov, betas=learn.adam_betas)
+    optimizer = build_optimizer(learn.optimizer, model.parameters(), 1e-3, **optimizer_options(learn))
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=learn.label_smoothing)
     amp = resolve_amp_dtype(learn.amp, device)
     images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)

@@ -212,11 +212,15 @@ def test_resnet_d_and_blur_pool_structure():
 
 
 def test_activation_option_swaps_every_relu_of_a_resnet():
-    silu = create_model('resnet18d', 10, activation='silu')
+    silu = create_model('resnet18', 10, activation='silu')
     kinds = {type(m) for m in silu.modules()}
     assert nn.SiLU in kinds and nn.ReLU not in kinds
-    # 3 in the deep stem + bn1's + one shared module in each of the 8 basic blocks
-    assert sum(isinstance(m, nn.SiLU) for m in silu.modules()) == 3 + 8
+    # bn1's + one shared module in each of the 8 basic blocks of torchvision's ResNet-18
+    assert sum(isinstance(m, nn.SiLU) for m in silu.modules()) == 1 + 8
+    # timm's ResNet-D takes it as act_layer: 2 in the deep stem, bn1's, two modules in each basic block
+    timm_silu = create_model('resnet18d', 10, activation='silu')
+    assert sum(isinstance(m, nn.SiLU) for m in timm_silu.modules()) == 2 + 1 + 2 * 8
+    assert not any(isinstance(m, nn.ReLU) for m in timm_silu.modules())
     block = silu.backbone.layer1[0].relu
     x = torch.tensor([-1.0, 0.0, 2.0])
     assert torch.allclose(block(x.clone()), x / (1 + torch.exp(-x)))  # x * sigmoid(x): -0.2689, 0, 1.7616
@@ -294,11 +298,11 @@ def test_a_variant_metric_key_needs_its_variant_and_bad_settings_fail_before_tra
 
 
 def test_short_run_with_every_technique_enabled(tiny_image_folder, tmp_path):
-    """Everything at once through the entry: ResNet-D + BlurPool, RandAugment, progressive resizing, a larger
+    """Everything at once through the entry: timm's ResNet-D with its anti-aliasing (BlurPool), RandAugment, progressive resizing, a larger
     test resolution, Mixup/CutMix, label smoothing, EMA, flip + multi-scale TTA deciding the best checkpoint."""
     from test_entry import run_tiny
 
-    everything = ['policy.model.name=resnet18d', 'policy.model.blur_pool=True', 'data.auto_augment=randaugment',
+    everything = ['policy.model.name=timm/resnet18d', 'policy.model.blur_pool=True', 'data.auto_augment=randaugment',
                   'data.progressive_resize.start_scale=0.5', 'data.progressive_resize.ramp_epochs=[1,2]',
                   'data.eval_image_size=40', 'policy.learn.mix.mixup_alpha=0.2', 'policy.learn.mix.cutmix_alpha=1.0',
                   'policy.learn.mix.stop_epoch=1', 'policy.learn.label_smoothing=0.1',
@@ -308,10 +312,19 @@ def test_short_run_with_every_technique_enabled(tiny_image_folder, tmp_path):
     summary = json.loads((tmp_path / 'all' / 'summary.json').read_text())
     for key in ('acc1', 'acc1_tta', 'acc1_ema', 'acc1_ema_tta'):
         assert 0 <= summary[key] <= 100, (key, summary)
-    assert summary['eval_samples'] == 15 and summary['model'] == 'resnet18d'
+    assert summary['eval_samples'] == 15 and summary['model'] == 'timm/resnet18d'
     assert 'acc1_ema_tta' in result.stdout
     last, = (tmp_path / 'all' / 'ckpt').glob('epoch_2_iter_*.pth.tar')
     state = torch.load(last, weights_only=True)
     assert int(state['policy']['ema']['n_averaged']) == state['last_iter']  # one EMA update per step
     assert len(state['history']) == 2  # the EMA + TTA metric decided the best checkpoint, TTA in every eval
+    # the timm model comes back from its checkpoint for predict/export, with its anti-aliasing
+    from dizoo_imgcls.predict import load_model_from_checkpoint
+
+    model, _, classes = load_model_from_checkpoint(str(last))
+    assert type(model.backbone).__module__ == 'timm.models.resnet' and len(classes) == 3
+    assert type(model.backbone.maxpool[1]).__name__ == 'ReplicatePadBlurPool2d'
+    with torch.no_grad():
+        restored = model.eval()(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+    assert restored.shape == (2, 3) and torch.isfinite(restored).all()
     assert state['best']['metric']['acc1_ema_tta'] == max(h['acc1_ema_tta'] for h in state['history'])

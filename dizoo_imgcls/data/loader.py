@@ -24,6 +24,10 @@ DATA_CONFIG = dict(
     eval_image_size=None,
     # (list) Area range of RandomResizedCrop, as fractions of the source image.
     train_crop_scale=[0.08, 1.0],
+    # (list) Aspect-ratio (width / height) range of RandomResizedCrop. [1, 1] with train_crop_scale [s, 1] is
+    # the light augmentation of fastai's Imagenette records: a random square of s..100% of a square image (on
+    # other images a square crop too large to fit falls back to the central square), resized, and flipped.
+    train_crop_ratio=[0.75, 1.3333333333333333],
     # (bool) Random horizontal flips in training (turn off where mirroring changes the class, e.g. digits).
     hflip=True,
     # (str) Extra training augmentation after crop and flip: None, 'randaugment' or 'trivialaugment'.
@@ -133,6 +137,7 @@ def build_datasets(data_cfg: Dict):
     train = ImageFolderSplit(
         os.path.join(root, 'train'), class_to_idx,
         TrainPreset(data_cfg['image_size'], data_cfg['train_crop_scale'], data_cfg['hflip'], reduced_decode=draft,
+                    crop_ratio=data_cfg['train_crop_ratio'],
                     auto_augment=data_cfg['auto_augment'], magnitude=data_cfg['randaugment_magnitude'],
                     fast_upsample=data_cfg['jpeg_fast_upsample']),
         decoder=data_cfg['decoder'],

@@ -87,19 +87,21 @@ def build_auto_augment(name: Optional[str], magnitude: int = 9):
 
 
 class TrainPreset:
-    """RandomResizedCrop (``crop_scale`` of the area, aspect 3/4..4/3) + optional horizontal flip, then an
+    """RandomResizedCrop (``crop_scale`` of the area, aspect ``crop_ratio``) + optional horizontal flip, then an
     optional RandAugment / TrivialAugment. ``image_size`` may change between epochs (progressive resizing).
     ``fast_upsample``: full-size JPEG decodes (crops too small for a scaled one) use TurboJPEG's fast chroma
     upsampling; the eval preset never does, so reported accuracy is always on accurately decoded pixels."""
 
     def __init__(self, image_size: int, crop_scale: Sequence[float] = (0.08, 1.0), hflip: bool = True,
                  reduced_decode: bool = True, auto_augment: Optional[str] = None, magnitude: int = 9,
-                 fast_upsample: bool = False) -> None:
+                 fast_upsample: bool = False, crop_ratio: Sequence[float] = (3 / 4, 4 / 3)) -> None:
         if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
             raise ValueError(f'data.train_crop_scale must be [min, max] with 0 < min <= max <= 1, got {crop_scale}')
+        if not 0 < crop_ratio[0] <= crop_ratio[1]:
+            raise ValueError(f'data.train_crop_ratio must be [min, max] with 0 < min <= max, got {crop_ratio}')
         self.image_size = image_size
         self.crop_scale = tuple(crop_scale)
-        self.ratio = (3 / 4, 4 / 3)
+        self.ratio = tuple(crop_ratio)
         self.hflip = hflip
         self.reduced_decode = reduced_decode
         self.fast_upsample = fast_upsample

@@ -6,6 +6,7 @@ model so the data workers ship compact uint8 tensors and an exported model needs
 import difflib
 import inspect
 import logging
+from functools import partial
 from typing import Callable, Dict, Iterable, Optional, Sequence
 
 import torch
@@ -13,7 +14,7 @@ import torch.nn as nn
 import torchvision
 from ding.utils.registry import Registry
 
-from .tweaks import add_blur_pool_, resnet_d_, set_activation_
+from .tweaks import add_blur_pool_, set_activation_
 
 logger = logging.getLogger('dizoo_imgcls')
 
@@ -70,41 +71,109 @@ def msra_init_(model: nn.Module, zero_init_residual: bool) -> None:
                 nn.init.zeros_(m.bn3.weight)
             elif isinstance(m, torchvision.models.resnet.BasicBlock):
                 nn.init.zeros_(m.bn2.weight)
+            elif hasattr(m, 'zero_init_last'):  # timm's ResNet blocks
+                m.zero_init_last()
 
 
-def _register_torchvision_resnet(name: str, tweak_d: bool = False) -> None:
+def _register_torchvision_resnet(name: str) -> None:
     builder: Callable[..., nn.Module] = getattr(torchvision.models, name)
 
     def build(num_classes: int, zero_init_residual: bool = False, blur_pool: bool = False,
               activation: Optional[str] = 'relu', mean=IMAGENET_MEAN, std=IMAGENET_STD):
         backbone = builder(weights=None, num_classes=num_classes)
-        if tweak_d:
-            resnet_d_(backbone)
         if blur_pool:
             add_blur_pool_(backbone)
         set_activation_(backbone, activation)
         msra_init_(backbone, zero_init_residual)
         return ImageClassifier(backbone, mean, std)
 
-    MODEL_REGISTRY.register(name + ('d' if tweak_d else ''), build)
+    MODEL_REGISTRY.register(name, build)
 
 
+# torchvision's ResNets, kept for torchvision state dicts (``policy.model.pretrained``).
 for _name in ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152'):
     _register_torchvision_resnet(_name)
-    _register_torchvision_resnet(_name, tweak_d=True)  # resnet18d, ...: the "bag of tricks" ResNet-D
+
+TIMM_PREFIX = 'timm/'
+
+
+def build_timm_model(arch: str, num_classes: int, zero_init_residual: bool = True, blur_pool: bool = False,
+                     activation: Optional[str] = None, **timm_kwargs) -> nn.Module:
+    """``policy.model.name='timm/<arch>'``: any architecture ``timm.create_model`` builds, without pretrained
+    weights (nothing is downloaded), behind our input normalization with timm's mean/std for it.
+
+    ``activation`` is timm's ``act_layer`` ('silu', 'mish', ...; None: the model's own); ``blur_pool`` is timm's
+    anti-aliasing (``aa_layer=BlurPool2d``: blur-pooled strided convolutions and a MaxBlurPool stem, Zhang 2019).
+    Further keys of ``policy.model.extra`` go to ``timm.create_model`` as they are (e.g.
+    ``block_args=dict(attn_layer='se')``, ``drop_path_rate=0.05``). timm's ResNet family (ResNet-D, SE-ResNeXt,
+    ...) gets our MSRA init with the residual branches' last BN at zero when ``zero_init_residual``; other
+    architectures keep timm's own init."""
+    import timm
+    from timm.models.resnet import ResNet as TimmResNet
+
+    if activation is not None:
+        timm_kwargs['act_layer'] = activation
+    if blur_pool:
+        from .timm_layers import ReplicatePadBlurPool2d
+        timm_kwargs['aa_layer'] = ReplicatePadBlurPool2d
+    try:
+        backbone = timm.create_model(arch, pretrained=False, num_classes=num_classes, **timm_kwargs)
+    except TypeError as e:  # an option this architecture does not take
+        raise ValueError(f"timm model '{arch}' does not take the options {sorted(timm_kwargs)}: {e}") from None
+    if isinstance(backbone, TimmResNet):
+        msra_init_(backbone, zero_init_residual)
+    cfg = getattr(backbone, 'pretrained_cfg', None) or {}
+    return ImageClassifier(backbone, cfg.get('mean', IMAGENET_MEAN), cfg.get('std', IMAGENET_STD))
+
+
+def _register_legacy_resnet_d(name: str) -> None:
+    """``resnet18d`` and friends were torchvision ResNets rebuilt by hand into ResNet-D; timm's ``resnet18d``
+    is the same network with the same state-dict keys, so the old names build timm's and old checkpoints load.
+    The old ``blur_pool`` (a blur before each strided convolution) is not timm's anti-aliasing: refused."""
+
+    def build(num_classes: int, zero_init_residual: bool = False, blur_pool: bool = False,
+              activation: Optional[str] = None):
+        if blur_pool:
+            raise ValueError(f"'{name}' with blur_pool=True was the hand-built ResNet-D with a blur before each strided "
+                             f"convolution, which no longer exists; 'timm/{name}' with blur_pool=True is timm's "
+                             f"anti-aliased ResNet-D (another network: its weights do not carry over)")
+        return build_timm_model(name, num_classes, zero_init_residual=zero_init_residual, activation=activation)
+
+    MODEL_REGISTRY.register(name, build)
+
+
+for _name in ('resnet18d', 'resnet34d', 'resnet50d', 'resnet101d', 'resnet152d'):
+    _register_legacy_resnet_d(_name)
 
 
 def available_models() -> list:
     return sorted(MODEL_REGISTRY.keys())
 
 
+def model_builder(name: str) -> Callable[..., nn.Module]:
+    """The builder of a registered name, or of a timm architecture named ``timm/<arch>``."""
+    if name.startswith(TIMM_PREFIX):
+        import timm
+
+        arch = name[len(TIMM_PREFIX):]
+        if not timm.is_model(arch):
+            close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.6)
+            hint = f" (did you mean {', '.join(TIMM_PREFIX + c for c in close)}?)" if close else ''
+            raise KeyError(f"timm has no model '{arch}'{hint}; timm.list_models() lists them")
+        return partial(build_timm_model, arch)
+    if name not in MODEL_REGISTRY:
+        raise KeyError(f"unknown model '{name}'; available: {', '.join(available_models())}, or timm/<name> for "
+                       f"any timm architecture")
+    return MODEL_REGISTRY[name]
+
+
 def check_model_options(name: str, options: Iterable[str], config_keys: Sequence[str] = ()) -> None:
     """The model is registered and takes every one of ``options`` as a keyword (a typo such as ``blurpool``
     must not be silently ignored); ``KeyError`` / ``ValueError`` naming the problem otherwise. ``config_keys``:
-    other valid keys where the options come from (``policy.model.name``), offered as corrections too."""
-    if name not in MODEL_REGISTRY:
-        raise KeyError(f"unknown model '{name}'; available: {', '.join(available_models())}")
-    params = inspect.signature(MODEL_REGISTRY[name]).parameters
+    other valid keys where the options come from (``policy.model.name``), offered as corrections too.
+    A timm model takes any keyword (``policy.model.extra``); timm itself refuses the ones it does not know."""
+    builder = model_builder(name)
+    params = inspect.signature(builder).parameters
     if any(p.kind == p.VAR_KEYWORD for p in params.values()):
         return
     valid = [k for k in params if k != 'num_classes']
@@ -119,7 +188,7 @@ def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:
     check_model_options(name, kwargs)
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f'num_classes must be a positive integer, got {num_classes!r}')
-    return MODEL_REGISTRY[name](num_classes=num_classes, **kwargs)
+    return model_builder(name)(num_classes=num_classes, **kwargs)
 
 
 def classifier_head_prefix(model: nn.Module) -> str:
@@ -159,8 +228,10 @@ def load_pretrained(model: nn.Module, state: Dict[str, torch.Tensor], source: st
 
 
 def model_options(model_cfg: Dict) -> Dict:
-    """The builder's keyword options in a ``policy.model`` config: all but name, num_classes and pretrained."""
-    return {k: v for k, v in model_cfg.items() if k not in ('name', 'num_classes', 'pretrained')}
+    """The builder's keyword options in a ``policy.model`` config: all but name, num_classes and pretrained, with
+    the keys of ``extra`` (further options of one model, e.g. a timm architecture's) in their place."""
+    options = {k: v for k, v in model_cfg.items() if k not in ('name', 'num_classes', 'pretrained', 'extra')}
+    return {**options, **(model_cfg.get('extra') or {})}
 
 
 def build_model_from_cfg(model_cfg: Dict) -> nn.Module:

@@ -1,8 +1,6 @@
-"""Architecture tweaks applied to torchvision ResNets in place.
+"""Architecture tweaks applied to torchvision ResNets in place (timm's models take timm's own equivalents:
+ResNet-D is timm's ``resnet18d``, activations its ``act_layer``, anti-aliasing its ``aa_layer``).
 
-* ResNet-D (He et al. 2019, "Bag of Tricks for Image Classification"): the 7x7 stem becomes three 3x3
-  convolutions (32, 32, 64 channels), and a downsampling shortcut averages 2x2 pixels before its 1x1
-  convolution instead of striding over three quarters of them. Same stages, ~0.1% more parameters.
 * BlurPool (Zhang 2019, "Making Convolutional Networks Shift-Invariant Again"), in the form FFCV's ResNet
   recipes use: every strided convolution with at least 16 input channels first low-pass filters its input
   with a fixed depthwise 3x3 binomial kernel, so the stride aliases less.
@@ -14,27 +12,6 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision.models.resnet import ResNet
-
-
-def _conv_bn_relu(cin: int, cout: int, stride: int) -> list:
-    return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
-
-
-def resnet_d_(resnet: ResNet) -> ResNet:
-    """Deep stem and average-pool shortcuts (ResNet-D) on a torchvision ResNet, in place."""
-    stem_out = resnet.conv1.out_channels
-    # conv1 stays the name of the stem, followed as before by bn1 + relu + maxpool.
-    resnet.conv1 = nn.Sequential(*_conv_bn_relu(3, 32, 2), *_conv_bn_relu(32, 32, 1),
-                                 nn.Conv2d(32, stem_out, 3, 1, 1, bias=False))
-    for stage in (resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4):
-        block = stage[0]
-        if block.downsample is None:
-            continue
-        conv, bn = block.downsample[0], block.downsample[1]
-        pool = nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False) if conv.stride[0] > 1 else nn.Identity()
-        block.downsample = nn.Sequential(pool, nn.Conv2d(conv.in_channels, conv.out_channels, 1, bias=False), bn)
-    return resnet
 
 
 ACTIVATIONS = {'relu': nn.ReLU, 'silu': nn.SiLU, 'mish': nn.Mish}

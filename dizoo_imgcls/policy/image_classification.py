@@ -11,7 +11,8 @@ from ding.utils import POLICY_REGISTRY
 
 from ..model import build_model_from_cfg, classifier_head_prefix
 from .recipe import BatchMixer, ExponentialMovingAverage, eval_outputs, soft_target_accuracy
-from .optim import build_lr_scheduler, build_optimizer, param_groups_no_bn_bias_decay, scaled_lr
+from .optim import (build_lr_scheduler, build_optimizer, optimizer_options, param_groups_no_bn_bias_decay,
+                    scaled_lr)
 
 AMP_MODES = ('auto', 'bf16', 'fp16', 'none')
 
@@ -54,17 +55,22 @@ class ImageClassificationPolicy(Policy):
         # (bool) Supervised learning has no notion of on/off-policy; kept for DI-engine's Policy contract.
         on_policy=False,
         model=dict(
-            # (str) Model name in dizoo_imgcls.model.MODEL_REGISTRY: resnet18, resnet34, resnet50, ...
+            # (str) Model name: torchvision's resnet18, resnet34, resnet50, ... (dizoo_imgcls.model.MODEL_REGISTRY), or
+            # timm/<arch> for any architecture timm.create_model builds (timm/resnet18d, timm/seresnext26d_32x4d).
             name='resnet18',
             # (int) Number of classes; None takes it from the training folder.
             num_classes=None,
             # (bool) Start the last BN of each residual block at zero, so every block begins as identity.
             zero_init_residual=True,
-            # (bool) ResNets: low-pass filter (BlurPool) before every strided convolution past the stem.
+            # (bool) Anti-aliasing: torchvision ResNets low-pass filter (BlurPool) before every strided convolution
+            # past the stem; timm models get timm's aa_layer (blur-pooled strided convs and a MaxBlurPool stem).
             blur_pool=False,
             # (str) Activation; None: the model's own (ResNets: 'relu'; coord_mlp: 'cos'). ResNets also take 'silu'
-            # or 'mish' in place of every ReLU; coord_mlp takes 'relu', 'tanh' or 'cos'.
+            # or 'mish' in place of every ReLU (timm models: any act_layer name); coord_mlp 'relu', 'tanh' or 'cos'.
             activation=None,
+            # (dict) Further keyword arguments for this model's builder, e.g. for timm models
+            # dict(block_args=dict(attn_layer='se'), drop_path_rate=0.05), passed to timm.create_model as they are.
+            extra=dict(),
             # (str) Initial weights: one of our checkpoints or a torchvision state-dict file on disk (nothing is
             # downloaded). A classifier head of another size is replaced by a fresh one for num_classes.
             pretrained=None,
@@ -80,18 +86,28 @@ class ImageClassificationPolicy(Policy):
             iters_per_epoch=None,
             # (float) Peak learning rate per 256 images: lr = lr_per_256 x global batch / 256.
             lr_per_256=0.1,
-            # (str) Optimizer: 'sgd' (with momentum; the ImageNet standard), 'adam' or 'adamw'.
+            # (str) Optimizer: 'sgd' (with momentum; the ImageNet standard), 'adam', 'adamw', 'radam' (torch's
+            # RAdam with decoupled weight decay) or 'lamb' (timm's LAMB). 'radam' + lookahead is fastai's Ranger.
             optimizer='sgd',
             # (float) SGD momentum.
             momentum=0.9,
             # (bool) Nesterov momentum.
             nesterov=False,
-            # (list) Adam/AdamW betas.
+            # (list) Adam/AdamW/RAdam/LAMB betas (fastai's Ranger: [0.9, 0.99]).
             adam_betas=[0.9, 0.999],
-            # (float) L2 weight decay on conv and linear weights; never on BN parameters or biases.
+            # (float) Adam/AdamW/RAdam/LAMB epsilon (fastai's Ranger: 1e-6).
+            adam_eps=1e-8,
+            # (dict) Lookahead (Zhang et al. 2019, timm.optim.Lookahead) around the optimizer: every k steps the
+            # weights move alpha of the way from their slow copy to the fast ones and restart from there.
+            lookahead=dict(enabled=False, k=6, alpha=0.5),
+            # (float) Weight decay on conv and linear weights; never on BN parameters or biases. L2 for SGD/Adam,
+            # decoupled (x LR, as AdamW and fastai's true_wd) for adamw, radam and lamb.
             weight_decay=1e-4,
-            # (str) LR schedule after warmup, stepped every iteration: 'cosine', 'step' or 'onecycle'.
+            # (str) LR schedule after warmup, stepped every iteration: 'cosine', 'flat_cos' (fastai's
+            # fit_flat_cos: peak LR until flat_fraction of the run, then cosine), 'step' or 'onecycle'.
             lr_schedule='cosine',
+            # (float) 'flat_cos': the share of all iterations (warmup included) before the cosine decay starts.
+            flat_fraction=0.75,
             # (float) Length of the linear LR warmup, in epochs (fractions allowed).
             warmup_epochs=5,
             # (float) LR at the start of warmup, as a fraction of the peak LR.
@@ -194,8 +210,7 @@ class ImageClassificationPolicy(Policy):
         self._head_prefix = classifier_head_prefix(self._model)
         groups = param_groups_no_bn_bias_decay(self._model, cfg.weight_decay, self._peak_lr, self._head_prefix,
                                                cfg.backbone_lr_factor)
-        self._optimizer = build_optimizer(cfg.optimizer, groups, self._peak_lr, momentum=cfg.momentum,
-                                          nesterov=cfg.nesterov, betas=cfg.adam_betas)
+        self._optimizer = build_optimizer(cfg.optimizer, groups, self._peak_lr, **optimizer_options(cfg))
         self._lr_scheduler = build_lr_scheduler(
             self._optimizer,
             cfg.lr_schedule,
@@ -205,6 +220,7 @@ class ImageClassificationPolicy(Policy):
             final_lr_factor=cfg.final_lr_factor,
             step_milestones=[e * cfg.iters_per_epoch for e in cfg.lr_step_epochs],
             step_gamma=cfg.lr_step_gamma,
+            flat_fraction=cfg.flat_fraction,
         )
         self._scaler = torch.amp.GradScaler('cuda') if self._amp_dtype == torch.float16 else None
         self._criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
