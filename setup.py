@@ -20,6 +20,7 @@ setup(
         # Without these pins pip may pick a local CPU-only torch 2.13 wheel that torchvision cannot load on.
         'torch>=2.12,<2.13',
         'torchvision>=0.27,<0.28',
+        'timm>=1.0.31,<2',  # models by name (timm/<arch>), Lookahead and LAMB (timm.optim)
         'tensorboardX>=2.6',
         'easydict',
         'numpy',
