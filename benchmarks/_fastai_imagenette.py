@@ -24,13 +24,14 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
 import time
 from functools import partial
 
 import psutil
 import torch
+
+from _emit import median_step_seconds  # benchmarks/ is sys.path[0] when this script runs
 
 PROCESS_START = psutil.Process().create_time()  # wall time counts from the exec, imports included
 
@@ -263,18 +264,8 @@ def raw_step(args) -> dict:
         opt.step()
         opt.zero_grad()
 
-    for _ in range(args.raw_warmup):
-        step()
-    times = []
-    for _ in range(args.raw_steps):
-        if device == 'cuda':
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if device == 'cuda':
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return {'raw_img_per_sec': round(args.bs / statistics.median(times), 2),
+    seconds = median_step_seconds(step, args.raw_warmup, args.raw_steps, cuda=device == 'cuda')
+    return {'raw_img_per_sec': round(args.bs / seconds, 2),
             'raw_step': {'batch_size': args.bs, 'image_size': args.size, 'precision': str(amp) if amp else 'fp32',
                          'channels_last': bool(args.channels_last), 'warmup_steps': args.raw_warmup,
                          'timed_steps': args.raw_steps, 'torch_threads': torch.get_num_threads()},

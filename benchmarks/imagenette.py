@@ -16,7 +16,6 @@ import json
 import os
 import platform
 import shlex
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,7 @@ sys.path.insert(0, REPO)
 from dizoo_imgcls.config import ConfigError, build_config, load_config_file  # noqa: E402
 from dizoo_imgcls.summary import git_commit, git_dirty, package_versions  # noqa: E402
 
-from _emit import emit  # noqa: E402  (benchmarks/ is on sys.path when a script here runs)
+from _emit import emit, median_step_seconds  # noqa: E402  (benchmarks/ is on sys.path when a script here runs)
 
 ENTRY = os.path.join(REPO, 'entry', 'imagenet_res18_main.py')
 CONFIG = os.path.join(REPO, 'config', 'imagenette_res18_config.py')
@@ -40,25 +39,26 @@ SHARED_IMAGENETTE = os.path.normpath(os.path.join(REPO, '..', 'shared', 'data', 
 RSS_POLL_SECONDS = 0.5
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def benchmark_parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments every training benchmark here takes: data, epochs, size, device, our ``--set`` overrides,
+    raw-step timing and outputs (checked by ``check_benchmark_args``)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--data-root', default=SHARED_IMAGENETTE if os.path.isdir(SHARED_IMAGENETTE) else None,
                         help=f'ImageNet-layout folder (default: {SHARED_IMAGENETTE} when it exists)')
     parser.add_argument('--epochs', type=int, default=5)
     parser.add_argument('--size', type=int, default=128, help='train image side in px (data.image_size)')
     parser.add_argument('--device', choices=('auto', 'cpu', 'cuda'), default='auto',
-                        help='auto: cuda when torch sees a GPU; used by ours and stock alike')
+                        help='auto: cuda when torch sees a GPU; used by every run of the benchmark')
     parser.add_argument('--set', dest='overrides', action='append', default=[], metavar='KEY=VALUE',
                         help='config override passed on to our entry (repeatable); also applies to the raw step')
-    parser.add_argument('--compare-stock', action='store_true', help="also train DI-engine's stock example")
-    parser.add_argument('--skip-ours', action='store_true', help='only the stock run (implies --compare-stock)')
-    parser.add_argument('--stock-arg', dest='stock_args', action='append', default=[], metavar='ARG',
-                        help='extra argument for benchmarks/stock_dizoo.py, e.g. --stock-arg=--per-epoch-eval')
     parser.add_argument('--raw-warmup', type=int, default=5, help='untimed raw steps')
     parser.add_argument('--raw-steps', type=int, default=30, help='timed raw steps (img/s from their median)')
     parser.add_argument('--output-dir', default=None, help='experiment folders (default: a new temporary folder)')
     parser.add_argument('--out', default=None, help='also write the JSON result to this file')
-    args = parser.parse_args(argv)
+    return parser
+
+
+def check_benchmark_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if not args.data_root or not os.path.isdir(os.path.join(args.data_root, 'train')):
         parser.error(f'--data-root {args.data_root!r} has no train/ folder (expected train/<class>/*, val/<class>/*)')
     if args.epochs < 1 or args.size < 8:
@@ -66,8 +66,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.device == 'cuda' and not torch.cuda.is_available():
         parser.error('--device cuda but torch sees no GPU')
     args.device = ('cuda' if torch.cuda.is_available() else 'cpu') if args.device == 'auto' else args.device
-    args.compare_stock = args.compare_stock or args.skip_ours
     args.data_root = os.path.abspath(args.data_root)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = benchmark_parser(__doc__)
+    parser.add_argument('--compare-stock', action='store_true', help="also train DI-engine's stock example")
+    parser.add_argument('--skip-ours', action='store_true', help='only the stock run (implies --compare-stock)')
+    parser.add_argument('--stock-arg', dest='stock_args', action='append', default=[], metavar='ARG',
+                        help='extra argument for benchmarks/stock_dizoo.py, e.g. --stock-arg=--per-epoch-eval')
+    args = parser.parse_args(argv)
+    check_benchmark_args(parser, args)
+    args.compare_stock = args.compare_stock or args.skip_ours
     return args
 
 
@@ -214,20 +224,7 @@ def raw_step_speed_at(cfg, classes: int, device: str, warmup: int, steps: int, s
         loss.backward()
         optimizer.step()
 
-    for _ in range(warmup):
-        step()
-    # Each step timed on its own and the median taken: on a shared 2-core machine a mean over one block of
-    # steps swings by 15-20% with whatever else runs, the median of single steps much less.
-    times = []
-    for _ in range(steps):
-        if device == 'cuda':
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if device == 'cuda':
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    seconds = statistics.median(times) * steps
+    seconds = median_step_seconds(step, warmup, steps, cuda=device == 'cuda') * steps
     return {'model': cfg.policy.model.name, 'activation': cfg.policy.model.get('activation') or 'relu',
             'params': sum(p.numel() for p in model.parameters()),
             'num_classes': classes, 'raw_img_per_sec': round(batch * steps / seconds, 2),
@@ -260,15 +257,22 @@ def ratios(ours: dict, stock: dict) -> dict:
     }
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def prepare(args, prefix: str):
+    """Our config as the benchmark's run of it will build it (a bad ``--set`` exits 2 naming it, before anything
+    runs), and the output folder: ``--output-dir`` or a new temporary one named ``prefix...``."""
     try:
         cfg = build_config(load_config_file(CONFIG), our_overrides(args, 'unused'), CONFIG)
     except ConfigError as e:
         print(f'error: {e}', file=sys.stderr)
-        return 2
-    output_dir = os.path.abspath(args.output_dir or tempfile.mkdtemp(prefix='imagenette_bench_'))
+        raise SystemExit(2)
+    output_dir = os.path.abspath(args.output_dir or tempfile.mkdtemp(prefix=prefix))
     os.makedirs(output_dir, exist_ok=True)
+    return cfg, output_dir
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg, output_dir = prepare(args, 'imagenette_bench_')
     result = {'benchmark': 'imagenette', 'command': shlex.join([sys.executable, *sys.argv]), 'cwd': os.getcwd(),
               'data_root': args.data_root, 'epochs': args.epochs, 'image_size': args.size,
               'output_dir': output_dir, **environment(args.device)}

@@ -42,14 +42,12 @@ import os
 import shlex
 import subprocess
 import sys
-import tempfile
 from importlib.metadata import PackageNotFoundError, version
 
 import torch
 
-from imagenette import (CONFIG, SHARED_IMAGENETTE, environment, num_classes, our_overrides, quotient,  # noqa: E402
-                        raw_step_speed, run_ours, run_watched)
-from dizoo_imgcls.config import ConfigError, build_config, load_config_file  # noqa: E402  (imagenette put REPO first)
+from imagenette import (benchmark_parser, check_benchmark_args, environment, num_classes, prepare,  # noqa: E402
+                        quotient, raw_step_speed, run_ours, run_watched)
 from _emit import emit  # noqa: E402
 from _fastai_imagenette import is_xresnet_model  # noqa: E402
 
@@ -58,40 +56,22 @@ DEFAULT_ARCHS = ('xresnet18', 'xse_resnext50')
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--data-root', default=SHARED_IMAGENETTE if os.path.isdir(SHARED_IMAGENETTE) else None,
-                        help=f'ImageNet-layout folder (default: {SHARED_IMAGENETTE} when it exists)')
-    parser.add_argument('--epochs', type=int, default=5)
-    parser.add_argument('--size', type=int, default=128, help='train image side in px, ours and the peers')
-    parser.add_argument('--device', choices=('auto', 'cpu', 'cuda'), default='auto')
-    parser.add_argument('--set', dest='overrides', action='append', default=[], metavar='KEY=VALUE',
-                        help='config override for our run (repeatable), as in benchmarks/imagenette.py')
+    parser = benchmark_parser(__doc__)
     parser.add_argument('--arch', dest='archs', action='append', default=None, metavar='NAME',
                         help=f'fastai xresnet model of a peer run (repeatable; default: {" and ".join(DEFAULT_ARCHS)})')
     parser.add_argument('--peer-budget', choices=('full', 'ours'), default='ours',
                         help="'ours': each peer trains the whole epochs that fit in our run's wall time; 'full': all")
     parser.add_argument('--peer-arg', dest='peer_args', action='append', default=[], metavar='ARG',
                         help='extra argument for benchmarks/_fastai_imagenette.py, e.g. --peer-arg=--workers=1')
-    parser.add_argument('--raw-warmup', type=int, default=5, help='untimed raw steps')
-    parser.add_argument('--raw-steps', type=int, default=30, help='timed raw steps (img/s from their median)')
-    parser.add_argument('--output-dir', default=None, help='experiment folders (default: a new temporary folder)')
-    parser.add_argument('--out', default=None, help='also write the JSON result to this file')
     args = parser.parse_args(argv)
-    if not args.data_root or not os.path.isdir(os.path.join(args.data_root, 'train')):
-        parser.error(f'--data-root {args.data_root!r} has no train/ folder (expected train/<class>/*, val/<class>/*)')
-    if args.epochs < 1 or args.size < 8:
-        parser.error(f'--epochs must be >= 1 and --size >= 8, got {args.epochs} and {args.size}')
-    if args.device == 'cuda' and not torch.cuda.is_available():
-        parser.error('--device cuda but torch sees no GPU')
+    check_benchmark_args(parser, args)
     if importlib.util.find_spec('fastai') is None:
         parser.error("fastai is not installed: pip install -e '.[peers]'")
-    args.device = ('cuda' if torch.cuda.is_available() else 'cpu') if args.device == 'auto' else args.device
     args.archs = args.archs or list(DEFAULT_ARCHS)
     for arch in args.archs:
         if not is_xresnet_model(arch):
             parser.error(f'--arch {arch!r} is not a model of fastai.vision.models.xresnet '
                          f'(e.g. {", ".join(DEFAULT_ARCHS)}, xse_resnext18)')
-    args.data_root = os.path.abspath(args.data_root)
     return args
 
 
@@ -145,13 +125,7 @@ def precision_name(cfg, device: str) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        cfg = build_config(load_config_file(CONFIG), our_overrides(args, 'unused'), CONFIG)
-    except ConfigError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
-    output_dir = os.path.abspath(args.output_dir or tempfile.mkdtemp(prefix='peers_bench_'))
-    os.makedirs(output_dir, exist_ok=True)
+    cfg, output_dir = prepare(args, 'peers_bench_')
     env = environment(args.device)
     for package in ('fastai', 'fastcore'):
         try:

@@ -345,14 +345,18 @@ def test_export_reloads_and_matches_pytorch_on_another_batch_size(checkpoint_pat
 
 @pytest.mark.filterwarnings('ignore:`torch.jit.load` is deprecated')
 @pytest.mark.parametrize('fmt, suffix', [('torchscript', '.pt'), ('onnx', '.onnx')])
-def test_the_imagenette_recipes_model_exports_too(tmp_path, fmt, suffix):
-    """ResNet-18-D with SiLU (config/imagenette_res18_config.py): deep stem, average-pool shortcuts and SiLU all
-    survive tracing / ONNX (SiLU has no ONNX op of its own before opset 24: it becomes x * Sigmoid(x))."""
+@pytest.mark.parametrize('name, options', [('timm/resnet18d', dict(activation='silu')),
+                                           ('timm/resnet18d', dict(activation='mish', blur_pool=True,
+                                                                   block_args=dict(attn_layer='se')))])
+def test_the_imagenette_recipes_model_exports_too(tmp_path, fmt, suffix, name, options):
+    """timm's ResNet-18-D with SiLU (config/imagenette_res18_config.py): deep stem, average-pool shortcuts and SiLU all
+    survive tracing / ONNX (SiLU has no ONNX op of its own before opset 24: it becomes x * Sigmoid(x)); so do the
+    recipe search's Mish, SE blocks and MaxBlurPool stem."""
     from dizoo_imgcls.export import export_onnx, export_torchscript, verify_export
     from dizoo_imgcls.model import create_model
 
     torch.manual_seed(0)
-    model = create_model('resnet18d', 3, activation='silu', zero_init_residual=False).eval()
+    model = create_model(name, 3, zero_init_residual=False, **options).eval()
     torch.nn.init.normal_(model.backbone.fc.weight, 0, 10.0)  # logits of order 1 (the init gives ~0.01)
     path = str(tmp_path / f'model{suffix}')
     (export_onnx if fmt == 'onnx' else export_torchscript)(model, torch.randint(0, 256, (2, 3, 64, 64),

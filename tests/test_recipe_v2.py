@@ -138,24 +138,6 @@ def test_timm_models_by_name_with_options_and_a_new_head():
     assert target(torch.zeros(1, 3, 64, 64, dtype=torch.uint8)).shape == (1, 5)
 
 
-@pytest.mark.filterwarnings('ignore:`torch.jit.load` is deprecated')
-@pytest.mark.parametrize('fmt, suffix', [('torchscript', '.pt'), ('onnx', '.onnx')])
-def test_a_timm_model_exports_and_matches_pytorch(tmp_path, fmt, suffix):
-    from dizoo_imgcls.export import export_onnx, export_torchscript, verify_export
-
-    torch.manual_seed(0)
-    model = create_model('timm/resnet18d', 3, activation='mish', block_args=dict(attn_layer='se'),
-                         zero_init_residual=False).eval()
-    torch.nn.init.normal_(model.backbone.fc.weight, 0, 10.0)  # logits of order 1 (the init gives ~0.01)
-    path = str(tmp_path / f'model{suffix}')
-    (export_onnx if fmt == 'onnx' else export_torchscript)(model, torch.randint(0, 256, (2, 3, 64, 64),
-                                                                                 dtype=torch.uint8), path)
-    images = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-    assert verify_export(model, fmt, path, images) < 1e-4
-    with torch.no_grad():
-        assert model(images).std().item() > 0.1
-
-
 class _Images(torch.utils.data.Dataset):
     def __init__(self, preset, images):
         self.preset, self.images = preset, images
