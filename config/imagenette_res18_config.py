@@ -19,7 +19,7 @@ imagenette_res18_config = dict(
         progressive_resize=dict(start_scale=0.75, ramp_epochs=[2, 4]),
     ),
     policy=dict(
-        model=dict(name='resnet18d', activation='silu'),
+        model=dict(name='timm/resnet18d', activation='silu'),  # timm's ResNet-D: same network as our old resnet18d
         learn=dict(
             batch_size=64,
             train_epoch=5,

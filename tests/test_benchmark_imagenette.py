@@ -43,7 +43,7 @@ def test_benchmark_reports_both_runs_and_consistent_ratios(tiny_image_folder, tm
     assert ours['raw_step']['batch_size'] == 8 and ours['raw_step']['timed_steps'] == 2
     assert ours['raw_step']['warmup_steps'] == 1
     assert 'top1_tta' in ours and ours['raw_img_per_sec'] > 0
-    assert ours['model'] == 'resnet18d' and ours['activation'] == 'silu' and ours['num_classes'] == 3
+    assert ours['model'] == 'timm/resnet18d' and ours['activation'] == 'silu' and ours['num_classes'] == 3
     # ResNet-D: torchvision's ResNet-18 with a stem of three 3x3 convs (3->32->32->64, two extra BN(32))
     stem_delta = (27 * 32 + 288 * 32 + 288 * 64 + 4 * 32) - 147 * 64
     assert ours['params'] == sum(p.numel() for p in torchvision.models.resnet18(num_classes=3).parameters()) + stem_delta

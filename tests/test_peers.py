@@ -30,7 +30,7 @@ def test_peers_reports_ours_and_fastai_with_consistent_ratios(tiny_image_folder,
     assert result['peer_budget'] == 'ours' and result['versions']['fastai']
     ours, peer, ratios = result['ours'], result['peers']['xresnet18'], result['ratios']['xresnet18']
 
-    assert ours['model'] == 'resnet18d' and ours['precision'] == 'fp32' and ours['epochs'] == 1
+    assert ours['model'] == 'timm/resnet18d' and ours['precision'] == 'fp32' and ours['epochs'] == 1
     assert 0 <= peer['top1'] <= peer['top5'] <= 100 and peer['top5_k'] == 3  # top-5 of 3 classes: top-3
     assert peer['eval_samples'] == 3 * 5 and peer['train_images'] == 3 * 12 + 1 and peer['num_classes'] == 3
     assert peer['images_trained'] == 32  # 37 images, batch 8, fastai drops the last partial training batch
