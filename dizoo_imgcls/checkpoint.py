@@ -314,11 +314,10 @@ def latest_checkpoint(ckpt_dir: str) -> Optional[str]:
 
 
 def resumable_checkpoint(ckpt_dir: str) -> Tuple[Optional[str], Optional[Dict[str, Any]], List[str]]:
-    """What ``--resume auto`` continues from: ``(path, state, skipped)``, the newest complete and loadable step
-    checkpoint, else ``ckpt_best`` (a kill between writing it and the first epoch's checkpoint leaves only it).
-    Step checkpoints come first even when ``ckpt_best`` is newer: resuming from them is exact, and the full suite
-    saw a run resumed from a newer ``ckpt_best`` end with a slightly different loss (to be checked: whether its
-    RNG states are gathered as the step checkpoints' are). ``skipped`` says which files were passed over and why."""
+    """What ``--resume auto`` continues from: ``(path, state, skipped)``, the newest complete and loadable of all
+    the folder's checkpoints, ``ckpt_best`` included (a kill between writing it and the epoch's checkpoint leaves
+    it the newest). Newest by training iteration; at equal iterations a step checkpoint. ``skipped`` says which
+    newer files were passed over and why (damaged, not ours)."""
     candidates, skipped, loaded = [], [], {}
     for path in step_checkpoints(ckpt_dir):
         candidates.append((int(_STEP_NAME.match(os.path.basename(path)).group(1)), 1, path))
@@ -329,7 +328,7 @@ def resumable_checkpoint(ckpt_dir: str) -> Tuple[Optional[str], Optional[Dict[st
         except CheckpointError as e:  # of unknown age: named whichever checkpoint is chosen
             skipped.append(f'{best} ({e})')
         else:
-            candidates.append((-1, 0, best))  # after every step checkpoint
+            candidates.append((loaded[best].get('last_iter', 0) if isinstance(loaded[best], dict) else 0, 0, best))
     for _, _, path in sorted(candidates, reverse=True):
         try:
             state = loaded[path] if path in loaded else load_checkpoint(path)
