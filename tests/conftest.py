@@ -2,9 +2,20 @@ import os
 import shutil
 
 import pytest
+import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_IMAGENETTE = os.path.join(REPO, '..', 'shared', 'data', 'imagenette2-224')
+
+
+@pytest.fixture(autouse=True)
+def torch_threads_restored():
+    """A test may call torch.set_num_threads (tiny models train faster on one thread); the next test in the same
+    process gets the count back. Left changed, an in-process run computes with another thread count than a run
+    in a subprocess, and fp32 results differ in the last digits (the SIGKILL resume test compares exactly)."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope='session')

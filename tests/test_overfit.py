@@ -23,11 +23,8 @@ CONFIG = os.path.join(REPO, 'config', 'overfit_mlp_config.py')
 @pytest.fixture(autouse=True)
 def one_thread():
     # Tiny matmuls: a second OpenMP thread costs more in synchronisation than it computes, and on shared
-    # cores a spinning second thread can slow every step down many times over.
-    threads = torch.get_num_threads()
+    # cores a spinning second thread can slow every step down many times over (conftest restores the count).
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def save_gray(path, pixels: np.ndarray) -> str:
