@@ -60,6 +60,16 @@ class LazyWriter:
         if self._writer is not None:
             self._checked(self._writer.close)()
 
+    def close_after_failure(self) -> None:
+        """The run is failing with an error of its own: write the events that still fit (the curve up to a NaN
+        loss, say). A disk error here is the full disk already reported, or a second error the run has no way left
+        to report; raised from DI-engine's destructor at exit it would print a traceback after the error line."""
+        try:
+            self.close()
+        except DiskWriteError:
+            pass
+        self._failed = True  # the learner's destructor flushes it again
+
     def __getattr__(self, name):
         if name.startswith('_'):
             raise AttributeError(name)

@@ -368,6 +368,9 @@ class TrainingRun:
         try:
             with interrupt_guard() as self._interrupted, termination_guard() as self._terminated:
                 return self._fit()
+        except BaseException:
+            self.tb.close_after_failure()
+            raise
         finally:
             # Stopped loader workers on every way out: left to interpreter exit they can delay it or (after a
             # SIGTERM, which they ignored) keep it waiting.

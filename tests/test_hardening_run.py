@@ -20,7 +20,7 @@ from conftest import REPO
 from dizoo_imgcls.checkpoint import (CheckpointError, DiskWriteError, atomic_torch_save, load_checkpoint,
                                      step_checkpoints)
 from dizoo_imgcls.config import build_config, load_config_file
-from dizoo_imgcls.runtime import write_json
+from dizoo_imgcls.runtime import LazyWriter, write_json
 
 ENTRY = os.path.join(REPO, 'entry', 'imagenet_res18_main.py')
 CONFIG = os.path.join(REPO, 'config', 'overfit_mlp_config.py')
@@ -258,18 +258,67 @@ def test_disk_filling_up_during_training_stops_the_run_instead_of_hanging(small_
     proc = start_entry(small_tmpfs, 'full', 'policy.learn.train_epoch=500', 'log_every=1')
     try:
         assert wait_for(lambda: step_checkpoints(str(small_tmpfs / 'full' / 'ckpt')), 120, proc), proc.stderr.read()
-        with open(small_tmpfs / 'filler', 'wb') as f:  # the rest of the disk, as another job's output would
-            try:
-                while True:
-                    f.write(b'\0' * 65536)
-                    f.flush()
-            except OSError as e:
-                assert e.errno == errno.ENOSPC
+        fill_disk(small_tmpfs)
         stdout, stderr = proc.communicate(timeout=60)
     finally:
         proc.kill()
     os.remove(small_tmpfs / 'filler')
     check_full_disk_failure(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), small_tmpfs)
+
+
+def fill_disk(disk):
+    with open(disk / 'filler', 'wb', buffering=0) as f:  # the rest of the disk, as another job's output would
+        try:
+            while True:
+                f.write(b'\0' * 4096)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+
+
+def test_tensorboard_events_of_a_failed_run_are_written_as_far_as_they_fit(small_tmpfs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    writer = LazyWriter(str(small_tmpfs / 'tb'))
+    writer.add_scalar('loss', 1.0, 0)
+    writer.flush()
+    fill_disk(small_tmpfs)
+    for step in range(1, 6):  # fewer than tensorboardX's queue holds: its thread may not have written them yet
+        writer.add_scalar('loss', float(step), step)
+    writer.close_after_failure()  # the run's own error (say, a checkpoint that did not fit) is on its way up
+    writer.flush()  # DI-engine's learner destructor at exit: nothing now
+    writer.close()
+    os.remove(small_tmpfs / 'filler')
+    events = EventAccumulator(str(small_tmpfs / 'tb'))
+    events.Reload()
+    assert events.Scalars('loss')[0].value == 1.0  # what was written before stays readable
+
+
+def test_a_writer_thread_that_died_unseen_is_not_reported_after_the_run_failed(tmp_path, monkeypatch):
+    # The full disk was met by a checkpoint write first; the event writer's thread died of it too, unseen. The
+    # learner's destructor used to raise it at exit: "Exception ignored ... Traceback" after the error line.
+    from tensorboardX.event_file_writer import EventsWriter
+
+    def full_disk(self, event):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def writer_whose_thread_died(folder):
+        writer = LazyWriter(str(tmp_path / folder))
+        writer.add_scalar('loss', 1.0, 0)
+        writer.flush()
+        with monkeypatch.context() as patch:
+            patch.setattr(EventsWriter, 'write_event', full_disk)
+            writer.add_scalar('loss', 2.0, 1)
+            assert wait_for(lambda: writer.thread_error is not None, 10)
+        return writer
+
+    seen = writer_whose_thread_died('a')
+    with pytest.raises(DiskWriteError, match='No space left on device'):  # in a running run: its error, once
+        seen.flush()
+    seen.flush()
+    unseen = writer_whose_thread_died('b')
+    unseen.close_after_failure()
+    unseen.flush()
+    unseen.close()
 
 
 def test_a_failed_checkpoint_write_removes_its_temp_file(tmp_path, monkeypatch):
