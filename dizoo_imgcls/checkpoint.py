@@ -19,7 +19,7 @@ import os
 import random
 import re
 import shutil
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -340,6 +340,51 @@ def resumable_checkpoint(ckpt_dir: str) -> Tuple[Optional[str], Optional[Dict[st
             continue
         return path, state, skipped
     return None, None, skipped
+
+
+class CheckpointManager:
+    """The one writer and finder of a run's checkpoints in ``ckpt_dir``. Every rank calls ``save`` at the same
+    point of the run: it gathers every rank's generator states (a collective; each rank draws its own
+    augmentation stream, and all are needed to resume exactly), then rank 0 writes the state atomically and
+    keeps the newest ``keep_last`` step checkpoints. ``ckpt_best`` is written the same way and never pruned.
+    ``find`` is what ``--resume`` continues from; ``restore_rng`` puts this rank's generators back."""
+
+    def __init__(self, ckpt_dir: str, keep_last: int, rank: int = 0, world_size: int = 1) -> None:
+        self.dir, self.keep_last, self.rank, self.world_size = ckpt_dir, keep_last, rank, world_size
+
+    def save(self, name: str, state_fn: Callable[[], Dict[str, Any]]) -> str:
+        """Write ``state_fn()`` plus the generator states as ``name`` (rank 0); returns the path."""
+        rngs = None
+        if self.world_size > 1:
+            rngs = [None] * self.world_size
+            torch.distributed.all_gather_object(rngs, rng_state())
+        path = os.path.join(self.dir, name)
+        if self.rank == 0:
+            rng = rng_state()  # before state_fn, which draws nothing either
+            atomic_torch_save({**state_fn(), 'rng': rng, 'rng_per_rank': rngs}, path)
+            if name != BEST_NAME:
+                prune_checkpoints(self.dir, self.keep_last)
+        return path
+
+    def find(self, resume: str) -> Tuple[Optional[str], Optional[Dict[str, Any]]]:
+        """``(path, state)`` of the checkpoint ``resume`` names; for ``'auto'`` the newest complete one (naming
+        those skipped), or ``(None, None)`` when the folder has none yet."""
+        if resume != 'auto':
+            return resume, load_checkpoint(resume)
+        path, state, skipped = resumable_checkpoint(self.dir)
+        for reason in skipped:
+            logger.warning(f'--resume auto: skipped {reason}')
+        if path is None:
+            logger.info(f'--resume auto: no {"loadable " if skipped else ""}checkpoint in {self.dir} yet, starting '
+                        f'from scratch')
+        return path, state
+
+    def restore_rng(self, state: Dict[str, Any]) -> None:
+        per_rank = state.get('rng_per_rank')
+        set_rng_state(per_rank[self.rank] if per_rank and len(per_rank) == self.world_size else state['rng'])
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.dir, name)
 
 
 def model_state_from_file(path: str) -> Dict[str, torch.Tensor]:

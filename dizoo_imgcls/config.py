@@ -13,8 +13,11 @@ from ding.utils import deep_merge_dicts
 from ding.worker import BaseLearner, MetricSerialEvaluator
 from easydict import EasyDict
 
+from .checkpoint import CheckpointError
 from .data import DATA_CONFIG
+from .model import check_model_options, model_options
 from .policy import ImageClassificationPolicy
+from .runtime import check_exp_name
 
 TOP_CONFIG = dict(
     # (str) Experiment name: the run is written to output_dir/exp_name (a suffix is added if it exists).
@@ -58,7 +61,7 @@ def default_config() -> EasyDict:
     policy = ImageClassificationPolicy.default_config()
     policy.learn.learner = deep_merge_dicts(BaseLearner.default_config(), policy.learn.learner)
     # Our TrainLoggerHook replaces DI-engine's tabulated log_show hook (same numbers, one line, plus img/s).
-    # Checkpoints come from our CheckpointHook and the run (atomic, full state), not DI-engine's save hooks.
+    # Checkpoints come from the run's CheckpointManager (atomic, full state), not DI-engine's save hooks.
     for hook_key in ('log_show_after_iter', 'save_ckpt_after_iter', 'save_ckpt_after_run'):
         del policy.learn.learner.hook[hook_key]
     policy.eval.evaluator = deep_merge_dicts(MetricSerialEvaluator.default_config(), policy.eval.evaluator)
@@ -293,3 +296,76 @@ def save_config_file(cfg: Dict, path: str) -> None:
     with open(path, 'w') as f:
         f.write('# Compiled config of this run: python entry/imagenet_res18_main.py --config THIS_FILE\n')
         f.write(f'main_config = {text}\n')
+
+
+# ----- a run's settings, checked before anything is written -----
+METRIC_BASES, METRIC_VARIANTS = ('acc1', 'acc5', 'loss'), ('', 'tta', 'ema', 'ema_tta')
+
+
+def check_run_settings(cfg: EasyDict) -> None:
+    """What would otherwise fail late, or after the run's folder is made: the metric key (a variant's key needs
+    that variant: acc1_ema an EMA, acc1_tta test-time augmentation), eval_every, the names that become paths,
+    the model's options and the checkpoint to resume from."""
+    for name, types in (('exp_name', str), ('output_dir', (str, os.PathLike))):
+        if not isinstance(cfg[name], types) or not str(cfg[name]):
+            raise ValueError(f'{name} must be a non-empty string, got {cfg[name]!r} (quote it: --set {name}="...")')
+    check_exp_name(cfg)
+    spike = cfg.get('loss_spike_factor', 0)
+    if isinstance(spike, bool) or not isinstance(spike, (int, float)) or not (spike == 0 or spike > 1):
+        raise ValueError(f'loss_spike_factor must be 0 (off) or a number above 1, got {spike!r}')
+    epochs = cfg.policy.learn.train_epoch
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
+        raise ValueError(f'policy.learn.train_epoch must be a positive number of epochs, got {epochs!r}')
+    if not isinstance(cfg.eval_every, int) or cfg.eval_every < 1:
+        raise ValueError(f'eval_every must be a positive number of epochs, got {cfg.eval_every!r}')
+    key, ev = cfg.policy.eval.metric_key, cfg.policy.eval
+    base, _, variant = str(key).partition('_')
+    if base not in METRIC_BASES or variant not in METRIC_VARIANTS:
+        raise ValueError(f"policy.eval.metric_key must be one of {', '.join(METRIC_BASES)}, optionally with the "
+                         f"suffix _tta, _ema or _ema_tta (e.g. acc1_tta), got {key!r}")
+    if 'ema' in key.split('_') and not cfg.policy.learn.ema.enabled:
+        raise ValueError(f"policy.eval.metric_key='{key}' needs policy.learn.ema.enabled=True")
+    if 'tta' in key.split('_') and not (ev.tta.flip or ev.tta.scales):
+        raise ValueError(f"policy.eval.metric_key='{key}' needs test-time augmentation: set policy.eval.tta.flip=True "
+                         'or policy.eval.tta.scales')
+    try:  # the model's name and options, checked before any folder is made
+        check_model_options(cfg.policy.model.name, model_options(cfg.policy.model),
+                            config_keys=('name', 'num_classes', 'pretrained'))
+    except KeyError as e:
+        raise ValueError(f'policy.model.name: {e.args[0]}') from None
+    if cfg.resume and cfg.resume != 'auto' and not os.path.isfile(cfg.resume):
+        raise CheckpointError(f'checkpoint not found: {cfg.resume}')
+
+
+def prepare_config(cfg: EasyDict, data) -> None:
+    """Fill in what the data decides: class count and iterations per epoch; refuse test-time augmentation of
+    samples that are not images (before any folder is made)."""
+    tta = cfg.policy.eval.tta
+    if not data.images and (tta.flip or tta.scales):
+        raise ValueError(f"policy.eval.tta needs images; data.type='{cfg.data.type}' gives other samples: leave "
+                         'policy.eval.tta.flip and policy.eval.tta.scales off')
+    if cfg.policy.model.num_classes is None:
+        cfg.policy.model.num_classes = data.num_classes
+    elif cfg.policy.model.num_classes < data.num_classes:
+        raise ValueError(f'policy.model.num_classes={cfg.policy.model.num_classes} but the training folder '
+                         f'has {data.num_classes} classes')
+    cfg.policy.learn.iters_per_epoch = len(data.train_loader)
+
+
+# What the model, the LR schedule, the optimizer state and the data order were built from: a resume must not
+# change them silently (the restored scheduler and optimizer would ignore a change, or the weights not fit).
+_RESUME_FIXED_KEYS = tuple(f'policy.learn.{k}' for k in (
+    'train_epoch', 'iters_per_epoch', 'batch_size', 'lr_schedule', 'lr_per_256', 'warmup_epochs', 'lr_step_epochs',
+    'lr_step_gamma', 'final_lr_factor', 'optimizer')) + ('policy.model.name', 'seed')
+
+
+def check_same_schedule(stored: Dict[str, Any], cfg: EasyDict, path: str) -> None:
+    changed = []
+    for key in _RESUME_FIXED_KEYS:
+        before, now = get_dotted(stored, key, MISSING), get_dotted(cfg, key, MISSING)
+        if before is not MISSING and before != now:  # keys an older checkpoint lacks are not compared
+            changed.append(f'{key}: {before!r} -> {now!r}')
+    if changed:
+        raise CheckpointError(f'cannot resume {path} with different settings ({"; ".join(changed)}); '
+                              f'resume with the settings it was trained with, or fine-tune from it with '
+                              f'--set policy.model.pretrained={path}')

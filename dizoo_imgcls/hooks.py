@@ -1,4 +1,4 @@
-"""Console and TensorBoard logging as DI-engine ``LearnerHook``s (rank 0 only), and the checkpoint hook.
+"""Console and TensorBoard logging as DI-engine ``LearnerHook``s (rank 0 only), and the loss guard.
 
 On an interactive terminal the console shows one progress bar per epoch; anywhere else (CI, pipes, files)
 it shows one plain line every ``log_every`` iterations. Both end each epoch with one summary line, and
@@ -12,11 +12,10 @@ import sys
 import time
 from collections import deque
 from contextlib import ExitStack
-from typing import Any, Callable, Dict, Mapping, Optional, TextIO
+from typing import Dict, Mapping, Optional, TextIO
 
 from ding.worker.learner.learner_hook import LearnerHook
 
-from .checkpoint import atomic_torch_save
 from .summary import cuda_max_allocated_mb, peak_rss_mb
 
 logger = logging.getLogger('dizoo_imgcls')
@@ -276,22 +275,3 @@ class LossGuardHook(LearnerHook):
                                        f'{self._factor:g} x {median:.4g}, the median of the last '
                                        f'{len(self._recent)} (lr {out["lr"]:.4g})')
         self._recent.append(loss)
-
-
-class CheckpointHook(LearnerHook):
-    """Takes the place of DI-engine's ``SaveCkptHook`` under the name ``BaseLearner.save_checkpoint`` looks
-    for, so ``learner.save_checkpoint(name)`` (which ``MetricSerialEvaluator`` calls for ``ckpt_best``) writes
-    the run's full state atomically. Epoch checkpoints are written by the run itself; a plain ``after_run``
-    call without a name writes nothing, as the last epoch checkpoint already holds that state."""
-
-    def __init__(self, ckpt_dir: str, state_fn: Callable[[], Dict[str, Any]], rank: int = 0) -> None:
-        super().__init__('save_ckpt_after_run', priority=20, position='after_run')
-        self._dir = ckpt_dir
-        self._state_fn = state_fn
-        self._rank = rank
-
-    def __call__(self, engine) -> None:
-        if self._rank != 0 or not engine.ckpt_name:
-            return
-        atomic_torch_save(self._state_fn(), os.path.join(self._dir, engine.ckpt_name))
-        logger.info(f'saved {engine.ckpt_name}')

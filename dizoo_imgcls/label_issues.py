@@ -121,7 +121,8 @@ def cross_validated_probabilities(cfg: EasyDict, files: LabelledFiles, folds: in
                                   out_dir: str) -> Tuple[np.ndarray, np.ndarray]:
     """Out-of-sample probabilities of every file by K-fold cross-training through ``train(cfg)``; the fold
     runs are kept under ``out_dir/folds`` (their data folder, a temporary tree of symlinks, is removed)."""
-    from .train import check_run_settings, train  # the training stack is only needed here
+    from .config import check_run_settings
+    from .train import train  # the training stack is only needed here
 
     check_run_settings(cfg)  # a bad setting fails now, not after the first fold has trained
     classes = len(files.class_names)

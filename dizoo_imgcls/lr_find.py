@@ -22,7 +22,7 @@ from .config import save_config_file
 from .data import build_loaders
 from .policy import ImageClassificationPolicy
 from .runtime import experiment_dir, set_deterministic, setup_logging, write_json
-from .train import prepare_config
+from .config import prepare_config
 
 logger = logging.getLogger('dizoo_imgcls')
 

@@ -5,11 +5,8 @@ import json
 import logging
 import os
 import shutil
-import signal
 import tempfile
-import threading
-import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from typing import Any, Dict
 
 import torch
@@ -17,19 +14,19 @@ from ding.utils import set_pkg_seed
 from ding.worker import BaseLearner, MetricSerialEvaluator
 from easydict import EasyDict
 
-from .checkpoint import (CHECKPOINT_FORMAT, CheckpointError, DiskWriteError, atomic_torch_save, load_checkpoint,
-                         one_line, prune_checkpoints, resumable_checkpoint, rng_state, set_aside_later_checkpoints,
-                         set_rng_state, step_checkpoint_name, sweep_stale_temp_files, to_plain)
-from .config import MISSING, get_dotted, save_config_file
+from .checkpoint import (CHECKPOINT_FORMAT, CheckpointError, CheckpointManager, DiskWriteError, one_line,
+                         set_aside_later_checkpoints, step_checkpoint_name, sweep_stale_temp_files, to_plain)
+from .config import check_run_settings, check_same_schedule, prepare_config, save_config_file
 from .data import EvalEvent, build_loaders, shutdown_workers
 from .data.check import check_splits_readable
-from .hooks import CheckpointHook, LossGuardHook, TrainingDiverged, TrainLoggerHook
+from .hooks import LossGuardHook, TrainingDiverged, TrainLoggerHook
 from .metric import DiagnosticMetric
-from .model import check_model_options, model_options
 from .policy import ImageClassificationPolicy
-from .runtime import (LazyWriter, NullWriter, check_exp_name, elastic_restart_count, experiment_dir, init_distributed,
+from .run_state import RunState
+from .runtime import (LazyWriter, NullWriter, elastic_restart_count, experiment_dir, init_distributed,
                       quiet_write_errors, release_experiment_dir, remove_restart_marker, set_deterministic,
                       setup_logging, write_json)
+from .signals import Terminated, interrupt_guard, termination_guard, worker_leaves_sigterm_to_the_run
 from .summary import run_facts
 from .tb_visuals import TensorBoardVisuals, log_hparams
 
@@ -47,106 +44,6 @@ def log_skipped_files(dataset, tb, epoch: int, iteration: int, rank: int = 0) ->
             logger.warning(f'epoch {epoch}: {skipped} unreadable training file(s) skipped so far (see train.log)')
 
 
-METRIC_BASES, METRIC_VARIANTS = ('acc1', 'acc5', 'loss'), ('', 'tta', 'ema', 'ema_tta')
-
-
-def check_run_settings(cfg: EasyDict) -> None:
-    """What would otherwise fail late, or after the run's folder is made: the metric key (a variant's key needs
-    that variant: acc1_ema an EMA, acc1_tta test-time augmentation), eval_every, the names that become paths,
-    the model's options and the checkpoint to resume from."""
-    for name, types in (('exp_name', str), ('output_dir', (str, os.PathLike))):
-        if not isinstance(cfg[name], types) or not str(cfg[name]):
-            raise ValueError(f'{name} must be a non-empty string, got {cfg[name]!r} (quote it: --set {name}="...")')
-    check_exp_name(cfg)
-    spike = cfg.get('loss_spike_factor', 0)
-    if isinstance(spike, bool) or not isinstance(spike, (int, float)) or not (spike == 0 or spike > 1):
-        raise ValueError(f'loss_spike_factor must be 0 (off) or a number above 1, got {spike!r}')
-    epochs = cfg.policy.learn.train_epoch
-    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
-        raise ValueError(f'policy.learn.train_epoch must be a positive number of epochs, got {epochs!r}')
-    if not isinstance(cfg.eval_every, int) or cfg.eval_every < 1:
-        raise ValueError(f'eval_every must be a positive number of epochs, got {cfg.eval_every!r}')
-    key, ev = cfg.policy.eval.metric_key, cfg.policy.eval
-    base, _, variant = str(key).partition('_')
-    if base not in METRIC_BASES or variant not in METRIC_VARIANTS:
-        raise ValueError(f"policy.eval.metric_key must be one of {', '.join(METRIC_BASES)}, optionally with the "
-                         f"suffix _tta, _ema or _ema_tta (e.g. acc1_tta), got {key!r}")
-    if 'ema' in key.split('_') and not cfg.policy.learn.ema.enabled:
-        raise ValueError(f"policy.eval.metric_key='{key}' needs policy.learn.ema.enabled=True")
-    if 'tta' in key.split('_') and not (ev.tta.flip or ev.tta.scales):
-        raise ValueError(f"policy.eval.metric_key='{key}' needs test-time augmentation: set policy.eval.tta.flip=True "
-                         'or policy.eval.tta.scales')
-    try:  # the model's name and options, checked before any folder is made
-        check_model_options(cfg.policy.model.name, model_options(cfg.policy.model),
-                            config_keys=('name', 'num_classes', 'pretrained'))
-    except KeyError as e:
-        raise ValueError(f'policy.model.name: {e.args[0]}') from None
-    if cfg.resume and cfg.resume != 'auto' and not os.path.isfile(cfg.resume):
-        raise CheckpointError(f'checkpoint not found: {cfg.resume}')
-
-
-@contextmanager
-def interrupt_guard():
-    """Ctrl-C raises KeyboardInterrupt as usual and is also remembered, as the callable this yields: Python
-    drops an exception raised inside a destructor or callback ("Exception ignored in ..."), and a run that went
-    on training after Ctrl-C would surprise its user; the loop checks after every batch."""
-    # Signal handlers belong to the main thread; and a process started with Ctrl-C ignored (a background job of
-    # a script, nohup) keeps ignoring it.
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
-        yield lambda: False
-        return
-    hits = []
-
-    def on_sigint(signum, frame):
-        hits.append(signum)
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    try:
-        yield lambda: bool(hits)
-    finally:
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
-
-
-class Terminated(Exception):
-    """SIGTERM stopped the run at ``checkpoint``, which it wrote (every rank agreed on the iteration first)."""
-
-    def __init__(self, checkpoint: str, iteration: int, rank: int) -> None:
-        super().__init__(f'terminated (SIGTERM) at iteration {iteration}; saved {checkpoint}')
-        self.checkpoint, self.iteration, self.rank = checkpoint, iteration, rank
-
-
-@contextmanager
-def termination_guard():
-    """SIGTERM (what Slurm, Kubernetes and torchrun send before they kill) is remembered, as the callable this
-    yields, instead of ending the process at once: the loop finishes the running step, writes a checkpoint and
-    raises ``Terminated``. The data-loader workers ignore a first SIGTERM (``_worker_leaves_sigterm_to_the_run``),
-    so one sent to the whole process group (Slurm) leaves them serving until the main process stops them."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) == signal.SIG_IGN:
-        yield lambda: False
-        return
-    hits = []
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: hits.append(signum))
-    try:
-        yield lambda: bool(hits)
-    finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
-
-
-def _worker_leaves_sigterm_to_the_run(previous, worker_id: int) -> None:
-    """``worker_init_fn`` of the run's data loaders: a SIGTERM sent to the whole process group (Slurm) would kill
-    the workers mid-batch (PyTorch's handler), and the run would then fail wherever it is ('DataLoader worker ...
-    killed by signal'), not finish its step and save. A worker ignores the first SIGTERM (the main process stops
-    it when it ends); a second one, e.g. from multiprocessing's clean-up at exit, ends it as before."""
-    signal.signal(signal.SIGTERM, _second_sigterm_ends_the_worker)
-    if previous is not None:
-        previous(worker_id)
-
-
-def _second_sigterm_ends_the_worker(signum, frame) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
 # Under DDP the ranks agree on a SIGTERM (a tiny all-reduce) every this many batches and at each epoch's last
 # batch, not after every batch: a collective per step would cost speed.
 STOP_CHECK_EVERY = 10
@@ -161,45 +58,11 @@ def non_finite_tensors(state: Dict[str, Any]) -> list:
     return [k for (k, _), ok in zip(floats, finite) if not ok]
 
 
-def prepare_config(cfg: EasyDict, data) -> None:
-    """Fill in what the data decides: class count and iterations per epoch; refuse test-time augmentation of
-    samples that are not images (before any folder is made)."""
-    tta = cfg.policy.eval.tta
-    if not data.images and (tta.flip or tta.scales):
-        raise ValueError(f"policy.eval.tta needs images; data.type='{cfg.data.type}' gives other samples: leave "
-                         'policy.eval.tta.flip and policy.eval.tta.scales off')
-    if cfg.policy.model.num_classes is None:
-        cfg.policy.model.num_classes = data.num_classes
-    elif cfg.policy.model.num_classes < data.num_classes:
-        raise ValueError(f'policy.model.num_classes={cfg.policy.model.num_classes} but the training folder '
-                         f'has {data.num_classes} classes')
-    cfg.policy.learn.iters_per_epoch = len(data.train_loader)
-
-
-# What the model, the LR schedule, the optimizer state and the data order were built from: a resume must not
-# change them silently (the restored scheduler and optimizer would ignore a change, or the weights not fit).
-_RESUME_FIXED_KEYS = tuple(f'policy.learn.{k}' for k in (
-    'train_epoch', 'iters_per_epoch', 'batch_size', 'lr_schedule', 'lr_per_256', 'warmup_epochs', 'lr_step_epochs',
-    'lr_step_gamma', 'final_lr_factor', 'optimizer')) + ('policy.model.name', 'seed')
-
-
-def check_same_schedule(stored: Dict[str, Any], cfg: EasyDict, path: str) -> None:
-    changed = []
-    for key in _RESUME_FIXED_KEYS:
-        before, now = get_dotted(stored, key, MISSING), get_dotted(cfg, key, MISSING)
-        if before is not MISSING and before != now:  # keys an older checkpoint lacks are not compared
-            changed.append(f'{key}: {before!r} -> {now!r}')
-    if changed:
-        raise CheckpointError(f'cannot resume {path} with different settings ({"; ".join(changed)}); '
-                              f'resume with the settings it was trained with, or fine-tune from it with '
-                              f'--set policy.model.pretrained={path}')
-
-
 class TrainingRun:
     """One run of ``train``: owns the policy, DI-engine learner and evaluator, and the resumable state."""
 
     def __init__(self, cfg: EasyDict) -> None:
-        self.start_time, self._carried_wall = time.time(), 0.0
+        self.state = RunState()  # the run's progress; its clock starts now
         self.cfg = cfg
         check_run_settings(cfg)
         self.rank, self.world_size = init_distributed(cfg.policy.cuda)
@@ -216,14 +79,15 @@ class TrainingRun:
                              f'or start fewer processes')
         prepare_config(cfg, self.data)
         for loader in (self.data.train_loader, self.data.val_loader):
-            loader.worker_init_fn = functools.partial(_worker_leaves_sigterm_to_the_run, loader.worker_init_fn)
+            loader.worker_init_fn = functools.partial(worker_leaves_sigterm_to_the_run, loader.worker_init_fn)
         # The exact metric plus, in the same val pass, a confusion matrix and the most confident mistakes.
         self.metric = DiagnosticMetric(cfg.policy.eval.metric_key, cfg.policy.model.num_classes,
                                        self.data.val_sampler)
         if elastic_restart_count() > 0 and not cfg.resume:
             cfg.resume = 'auto'  # torchrun --max-restarts brought the job back: continue from its checkpoints
         self.exp_dir = experiment_dir(cfg)  # claimed and locked by rank 0 until fit() ends
-        self.ckpt_dir = os.path.join(self.exp_dir, 'ckpt')
+        self.checkpoints = CheckpointManager(os.path.join(self.exp_dir, 'ckpt'), cfg.checkpoint.keep_last, self.rank,
+                                             self.world_size)
         self._training_started = False  # before: a failed run removes the folder it created (release_experiment_dir)
         try:
             self._setup(cfg)
@@ -234,7 +98,7 @@ class TrainingRun:
     def _setup(self, cfg: EasyDict) -> None:
         setup_logging(self.exp_dir, self.rank)
         if self.rank == 0:
-            stale = sweep_stale_temp_files(self.exp_dir, self.ckpt_dir)  # of writers killed mid-write
+            stale = sweep_stale_temp_files(self.exp_dir, self.checkpoints.dir)  # of writers killed mid-write
             if stale:
                 logger.info(f'removed {len(stale)} temporary file(s) that killed runs left: {", ".join(stale)}')
         self.tb = LazyWriter(os.path.join(self.exp_dir, 'tb')) if self.rank == 0 else NullWriter()
@@ -243,9 +107,6 @@ class TrainingRun:
         # TensorBoard image and per-class panels (rank 0); the run calls eval callbacks on rank 0 only.
         self.visuals = TensorBoardVisuals(self.tb, self.data, self.metric, self.rank)
         self.data.eval_callbacks.append(self.visuals)
-        # Resumable progress: epochs completed, batches done in the running epoch, best metric, history.
-        self.epoch, self.batch, self.best, self.best_epoch, self.history = 0, 0, None, 0, []
-        self._rank_rngs = None  # every rank's generator states, gathered where a checkpoint may be written
 
     def _build_workers(self) -> None:
         cfg = self.cfg
@@ -261,7 +122,6 @@ class TrainingRun:
         # values on cuda:rank (failing on CPU); DDP already syncs gradients and our logger reports global img/s.
         self.learner = BaseLearner(cfg.policy.learn.learner, self.policy.learn_mode, self.tb,
                                    dist_info=(self.rank, 1), exp_name=exp_name)
-        self.learner.register_hook(CheckpointHook(self.ckpt_dir, self.state_dict, self.rank))
         iters = cfg.policy.learn.iters_per_epoch
         self.learner.register_hook(LossGuardHook(cfg.get('loss_spike_factor', 0), iters_per_epoch=iters))
         batches = getattr(self.data.train_loader.batch_sampler, 'global_batch_sizes', None)
@@ -291,22 +151,13 @@ class TrainingRun:
             'format': CHECKPOINT_FORMAT,
             'policy': policy,
             'last_iter': self.learner.last_iter.val,
-            'position': {'epoch': self.epoch, 'batch': self.batch},
-            'rng': rng_state(),
-            # Each rank draws its own Mixup/CutMix stream (seeded seed + rank): all are needed to resume exactly.
-            'rng_per_rank': self._rank_rngs if self.world_size > 1 else None,
-            'best': {'metric': self.best, 'epoch': self.best_epoch},
-            'history': list(self.history),
+            **self.state.state_dict(),  # position, best, history
             'config': to_plain(self.cfg),
             'class_names': list(self.data.class_names),
             'display_names': getattr(self.data, 'display_names', None),
             # the run's cost so far, so that the summary of a resumed run covers all of it
-            'clock': {**self.log_hook.totals(), 'wall_seconds': self._wall_seconds()},
+            'clock': {**self.log_hook.totals(), 'wall_seconds': self.state.wall_seconds()},
         }
-
-    def _wall_seconds(self) -> float:
-        """Seconds this run has taken: this process so far plus the resumed run's, up to its checkpoint."""
-        return self._carried_wall + time.time() - self.start_time
 
     def load_state_dict(self, state: Dict[str, Any], path: str) -> None:
         if state.get('format') != CHECKPOINT_FORMAT:
@@ -321,47 +172,26 @@ class TrainingRun:
             raise CheckpointError(f'{path} does not fit policy.model.name={self.cfg.policy.model.name!r} '
                                   f'({one_line(e)})') from e
         self.learner.last_iter.update(state['last_iter'])
-        self.epoch, self.batch = state['position']['epoch'], state['position']['batch']
-        self.best, self.best_epoch = state['best']['metric'], state['best']['epoch']
-        self.history = list(state['history'])
-        clock = state.get('clock') or {}  # checkpoints written before it was recorded: this process only
-        self._carried_wall = clock.get('wall_seconds', 0.0)
-        self.log_hook.carried_over = {k: v for k, v in clock.items() if k != 'wall_seconds'}
-        per_rank = state.get('rng_per_rank')
-        set_rng_state(per_rank[self.rank] if per_rank and len(per_rank) == self.world_size else state['rng'])
+        self.state.load_state_dict(state)
+        self.log_hook.carried_over = {k: v for k, v in (state.get('clock') or {}).items() if k != 'wall_seconds'}
+        self.checkpoints.restore_rng(state)
 
-    def _gather_rngs(self) -> None:
-        """Collect every rank's generator states for the next checkpoint (a collective: all ranks call it)."""
-        if self.world_size > 1:
-            self._rank_rngs = [None] * self.world_size
-            torch.distributed.all_gather_object(self._rank_rngs, rng_state())
-
-    def save(self, name: str) -> None:
-        self._gather_rngs()
-        if self.rank == 0:
-            atomic_torch_save(self.state_dict(), os.path.join(self.ckpt_dir, name))
-            prune_checkpoints(self.ckpt_dir, self.cfg.checkpoint.keep_last)
+    def save(self, name: str) -> str:
+        """Write the run's state as checkpoint ``name`` (every rank calls it; rank 0 writes)."""
+        return self.checkpoints.save(name, self.state_dict)
 
     def resume(self) -> None:
-        if self.cfg.resume == 'auto':
-            path, state, skipped = resumable_checkpoint(self.ckpt_dir)
-            for reason in skipped:
-                logger.warning(f'--resume auto: skipped {reason}')
-            if path is None:
-                logger.info(f'--resume auto: no {"loadable " if skipped else ""}checkpoint in {self.ckpt_dir} yet, '
-                            f'starting from scratch')
-                return
-        else:
-            path = self.cfg.resume
-            state = load_checkpoint(path)
+        path, state = self.checkpoints.find(self.cfg.resume)
+        if path is None:
+            return
         self.load_state_dict(state, path)
         if self.rank == 0:
-            set_aside_later_checkpoints(self.ckpt_dir, self.learner.last_iter.val)
+            set_aside_later_checkpoints(self.checkpoints.dir, self.learner.last_iter.val)
             # What the superseded run logged after this checkpoint (its iterations >= last_iter + 1) is hidden.
             self.tb.purge_step = self.learner.last_iter.val + 1
         # A new evaluator knows no best yet and would overwrite ckpt_best with the first, maybe worse, result.
-        self.evaluator._max_avg_eval_result = self.best
-        logger.info(f'resumed from {path}: epoch {self.epoch} done, {self.batch} batches into the next')
+        self.evaluator._max_avg_eval_result = self.state.best
+        logger.info(f'resumed from {path}: epoch {self.state.epoch} done, {self.state.batch} batches into the next')
 
     # ----- the loop -----
     def fit(self) -> Dict[str, Any]:
@@ -381,7 +211,7 @@ class TrainingRun:
     def _fit(self) -> Dict[str, Any]:
         if self.cfg.resume:
             self.resume()  # first: a refused resume must leave the run's folder as it was
-            if self.epoch >= self.cfg.policy.learn.train_epoch:
+            if self.state.epoch >= self.cfg.policy.learn.train_epoch:
                 return self._already_finished()
         if self.rank == 0:
             # Without `resume`: run again with --config, the file starts a new run instead of continuing this one.
@@ -393,9 +223,9 @@ class TrainingRun:
             write_json(os.path.join(self.exp_dir, 'classes.json'), self.data.class_names)
         self._log_start()
         self.visuals.log_training_images(self.learner.train_iter)
-        metrics = self.history[-1] if self.history else {}
+        metrics = self.state.history[-1] if self.state.history else {}
         self.learner.call_hook('before_run')
-        for epoch in range(self.epoch + 1, self.cfg.policy.learn.train_epoch + 1):
+        for epoch in range(self.state.epoch + 1, self.cfg.policy.learn.train_epoch + 1):
             self._train_epoch(epoch)
             stop = False
             if epoch % self.cfg.eval_every == 0 or epoch == self.cfg.policy.learn.train_epoch:
@@ -423,12 +253,12 @@ class TrainingRun:
         if os.path.isfile(path):
             with open(path) as f:
                 return json.load(f)
-        return {'exp_dir': self.exp_dir, 'epochs': self.epoch}
+        return {'exp_dir': self.exp_dir, 'epochs': self.state.epoch}
 
     def _train_epoch(self, epoch: int) -> None:
-        data, every = self.data, self.cfg.checkpoint.every_n_iters
+        data, state, every = self.data, self.state, self.cfg.checkpoint.every_n_iters
         data.train_sampler.set_epoch(epoch)
-        data.train_loader.batch_sampler.skip_batches = self.batch
+        data.train_loader.batch_sampler.skip_batches = state.batch
         self.log_hook.restart_clock()
         learn_model = self.policy.learn_mode.get_attribute('learn_model')
         self._training_started = True
@@ -436,15 +266,15 @@ class TrainingRun:
         with learn_model.join() if hasattr(learn_model, 'join') else nullcontext():
             for batch in data.train_loader:
                 self.learner.train(batch)
-                self.batch += 1
+                state.batch += 1
                 if self._interrupted():  # a Ctrl-C that Python dropped (raised inside a destructor)
                     raise KeyboardInterrupt
-                if self._stop_agreed(self.batch % STOP_CHECK_EVERY == 0 or self.batch == len(data.train_loader)):
+                if self._stop_agreed(state.batch % STOP_CHECK_EVERY == 0 or state.batch == len(data.train_loader)):
                     self._terminate(step_checkpoint_name(self.learner.train_iter), write=True)
-                if every and self.learner.train_iter % every == 0 and self.batch < len(data.train_loader):
+                if every and self.learner.train_iter % every == 0 and state.batch < len(data.train_loader):
                     self.save(step_checkpoint_name(self.learner.train_iter))
                     self.log_hook.restart_clock()
-        self.epoch, self.batch = epoch, 0
+        state.epoch, state.batch = epoch, 0
         self.policy.learn_mode.set_attribute('epoch', epoch)
         log_skipped_files(data.train_loader.dataset, self.tb, epoch, self.learner.train_iter, self.rank)
 
@@ -463,11 +293,10 @@ class TrainingRun:
     def _terminate(self, name: str, write: bool) -> None:
         """Stop for SIGTERM at a checkpoint: written now (mid-epoch; the loader position makes it resumable) or
         just written (``write=False``); every rank waits until rank 0 has it on disk, then raises ``Terminated``."""
-        if write:
-            self.save(name)
+        path = self.save(name) if write else self.checkpoints.path(name)
         if self.world_size > 1:
             torch.distributed.barrier()
-        raise Terminated(os.path.join(self.ckpt_dir, name), self.learner.train_iter, self.rank)
+        raise Terminated(path, self.learner.train_iter, self.rank)
 
     def _evaluate(self, epoch: int):
         last = epoch == self.cfg.policy.learn.train_epoch
@@ -479,13 +308,12 @@ class TrainingRun:
         # the run's state (best, history), so the file records itself as the best.
         best_requests = []
         stop, metrics = self.evaluator.eval(best_requests.append, self.learner.train_iter)
-        self._gather_rngs()  # for ckpt_best, which only rank 0 writes
         self.log_hook.log_eval(metrics, epoch, self.learner.train_iter)
-        if self.metric.gt(metrics, self.best):
-            self.best, self.best_epoch = dict(metrics), epoch
-        self.history.append({'epoch': epoch, **metrics})
-        for name in best_requests:
-            self.learner.save_checkpoint(name)
+        self.state.record_eval(epoch, metrics, self.metric.gt)
+        for name in best_requests:  # the same on every rank: the metric is reduced over all of them
+            self.save(name)
+            if self.rank == 0:
+                logger.info(f'saved {name}')
         if self.rank == 0:
             final = stop or epoch == self.cfg.policy.learn.train_epoch
             event = EvalEvent(self.policy.eval_mode, self.tb, epoch, self.learner.train_iter, self.exp_dir, final,
@@ -512,11 +340,11 @@ class TrainingRun:
             'acc1_ema': metrics.get('acc1_ema'),
             'acc1_ema_tta': metrics.get('acc1_ema_tta'),
             # acc1 of the best evaluation by policy.eval.metric_key (ckpt_best's); all its metrics: best_metrics.
-            'best_acc1': self.best['acc1'] if self.best else None,
-            'best_epoch': self.best_epoch,
+            'best_acc1': self.state.best['acc1'] if self.state.best else None,
+            'best_epoch': self.state.best_epoch,
             'eval_samples': metrics.get('samples'),
-            'epochs': self.epoch,
-            'wall_seconds': round(self._wall_seconds(), 2),  # resumed runs: all parts, each to its checkpoint
+            'epochs': self.state.epoch,
+            'wall_seconds': round(self.state.wall_seconds(), 2),  # resumed runs: all parts, each to its checkpoint
             'train_images': self.log_hook.totals()['train_images'],
             'train_img_per_sec': round(self.log_hook.img_per_sec, 2),
             'world_size': self.world_size,
@@ -524,15 +352,15 @@ class TrainingRun:
             'model': self.cfg.policy.model.name,
             'exp_dir': self.exp_dir,
         }
-        summary.update(run_facts(self.cfg, self.best, self.log_hook.data_wait_share))  # resources, provenance
+        summary.update(run_facts(self.cfg, self.state.best, self.log_hook.data_wait_share))  # resources, provenance
         if self.rank == 0:
             log_hparams(self.tb, self.cfg, summary, self.world_size, self.learner.train_iter)
             write_json(os.path.join(self.exp_dir, 'summary.json'), summary)
             if summary['acc1'] is not None:
                 key = self.cfg.policy.eval.metric_key
-                best = f'{key} {self.best[key]:.4g}, acc1 ' if key != 'acc1' else ''
+                best = f'{key} {self.state.best[key]:.4g}, acc1 ' if key != 'acc1' else ''
                 logger.info(f"done in {summary['wall_seconds']:.0f}s: acc1 {summary['acc1']:.2f} (best: {best}"
-                            f"{summary['best_acc1']:.2f} at epoch {self.best_epoch}), "
+                            f"{summary['best_acc1']:.2f} at epoch {self.state.best_epoch}), "
                             f"{summary['train_img_per_sec']:.1f} train img/s")
             logger.info(f'experiment folder: {self.exp_dir}')
             logger.info(f'TensorBoard: tensorboard --logdir {os.path.join(self.exp_dir, "tb")}')

@@ -82,7 +82,8 @@ def main(argv=None) -> int:
     from dizoo_imgcls.data import EXPECTED_LAYOUT, DataLayoutError
     from dizoo_imgcls.hooks import TrainingDiverged
     from dizoo_imgcls.lr_find import find_lr
-    from dizoo_imgcls.train import Terminated, train
+    from dizoo_imgcls.signals import Terminated
+    from dizoo_imgcls.train import train
 
     lr_find_options = {key: value for key, value in (('start', args.lr_find_start), ('end', args.lr_find_end),
                                                      ('steps', args.lr_find_steps)) if value is not None}

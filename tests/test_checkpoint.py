@@ -5,11 +5,13 @@ import pytest
 import torch
 import torchvision
 
-from dizoo_imgcls.checkpoint import (CheckpointError, atomic_torch_save, latest_checkpoint, load_checkpoint,
-                                     prune_checkpoints, rng_state, set_rng_state, step_checkpoint_name,
-                                     step_checkpoints)
+from dizoo_imgcls.checkpoint import (BEST_NAME, CheckpointError, CheckpointManager, atomic_torch_save,
+                                     latest_checkpoint, load_checkpoint, prune_checkpoints, rng_state, set_rng_state,
+                                     step_checkpoint_name, step_checkpoints)
 from dizoo_imgcls.data.sampler import EpochSeededDataset
+from dizoo_imgcls.metric import ImageClassificationMetric
 from dizoo_imgcls.model import create_model, load_pretrained
+from dizoo_imgcls.run_state import RunState
 
 
 class _Exploit:
@@ -71,6 +73,51 @@ def test_prune_keeps_last_k_and_best_and_latest_skips_damaged(tmp_path):
         f.write(b'not a checkpoint')
     assert step_checkpoints(str(tmp_path))[-1].endswith('iter_99.pth.tar')
     assert latest_checkpoint(str(tmp_path)).endswith('epoch_2_iter_46.pth.tar')
+
+
+def test_checkpoint_manager_writes_prunes_finds_and_restores_the_generators(tmp_path, caplog):
+    manager = CheckpointManager(str(tmp_path / 'ckpt'), keep_last=2)
+    (tmp_path / 'ckpt').mkdir()
+    torch.manual_seed(3)
+    for it in (2, 4, 6):
+        state = {'format': 'dizoo_imgcls/1', 'last_iter': it}
+        path = manager.save(step_checkpoint_name(it, it // 2), lambda: state)
+        if it == 4:
+            expected_draw = torch.rand(3)  # what a run resumed from epoch 2 draws next
+            manager.save(BEST_NAME, lambda: state)
+    assert path == str(tmp_path / 'ckpt' / 'epoch_3_iter_6.pth.tar')
+    # the newest two step checkpoints, and ckpt_best however old
+    assert sorted(os.listdir(tmp_path / 'ckpt')) == [BEST_NAME, 'epoch_2_iter_4.pth.tar', 'epoch_3_iter_6.pth.tar']
+    newest = load_checkpoint(path)
+    assert newest['last_iter'] == 6 and newest['rng_per_rank'] is None and set(newest['rng']) == {'torch', 'numpy',
+                                                                                                  'python'}
+    with open(path, 'r+b') as f:  # damaged on disk: the next newest is taken, and the damaged one is named
+        f.truncate(100)
+    found, state = manager.find('auto')
+    assert found == str(tmp_path / 'ckpt' / 'epoch_2_iter_4.pth.tar') and state['last_iter'] == 4
+    assert f'skipped {path}' in caplog.text
+    manager.restore_rng(state)
+    assert torch.equal(torch.rand(3), expected_draw)
+    assert manager.find(str(tmp_path / 'ckpt' / BEST_NAME))[1]['last_iter'] == 4
+    assert CheckpointManager(str(tmp_path / 'none'), keep_last=2).find('auto') == (None, None)
+
+
+def test_run_state_round_trip_and_the_best_of_its_evaluations():
+    state = RunState(started=0.0)
+    better = ImageClassificationMetric('acc1').gt
+    state.record_eval(1, {'acc1': 50.0}, better)
+    state.record_eval(2, {'acc1': 50.0}, better)  # a tie keeps the first
+    state.record_eval(3, {'acc1': 40.0}, better)
+    state.epoch, state.batch = 3, 0
+    assert state.best == {'acc1': 50.0} and state.best_epoch == 1 and [h['epoch'] for h in state.history] == [1, 2, 3]
+    saved = {**state.state_dict(), 'clock': {'wall_seconds': 12.5}}
+    assert saved['position'] == {'epoch': 3, 'batch': 0} and saved['best'] == {'metric': {'acc1': 50.0}, 'epoch': 1}
+    resumed = RunState()
+    resumed.load_state_dict(saved)
+    assert (resumed.epoch, resumed.best, resumed.best_epoch, resumed.history) == (3, state.best, 1, state.history)
+    assert 12.5 <= resumed.wall_seconds() < 12.5 + 60  # the earlier part's seconds plus this process's
+    resumed.record_eval(4, {'acc1': 60.0}, better)
+    assert resumed.best_epoch == 4 and len(state.history) == 3  # the loaded history is a copy
 
 
 def test_torchvision_state_dict_loads_with_a_new_head(tmp_path):

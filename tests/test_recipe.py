@@ -271,7 +271,7 @@ def test_auto_augment_is_reproduced_per_sample_seed():
 
 def test_a_variant_metric_key_needs_its_variant_and_bad_settings_fail_before_training():
     from dizoo_imgcls.config import default_config
-    from dizoo_imgcls.train import check_run_settings
+    from dizoo_imgcls.config import check_run_settings
 
     cfg = default_config()
     for key, value, message in (('exp_name', 123, 'exp_name must be a non-empty string'),

@@ -212,7 +212,7 @@ def test_ctrl_c_names_the_checkpoint_to_resume_from(tiny_image_folder, tmp_path)
 
 @pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')  # the dropped exception itself
 def test_a_ctrl_c_that_python_drops_in_a_destructor_is_still_seen():
-    from dizoo_imgcls.train import interrupt_guard
+    from dizoo_imgcls.signals import interrupt_guard
 
     class Finalizer:
         def __del__(self):  # a KeyboardInterrupt raised in here is printed as "Exception ignored" and lost
