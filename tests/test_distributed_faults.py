@@ -26,10 +26,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def node_agent(port: int, args, log_path):
-    """One machine: a torchrun agent with one worker, joining the 2-node job at 127.0.0.1:port."""
+def node_agent(port: int, args, log_path, node: int):
+    """One machine: a torchrun agent with one worker, joining the 2-node job at 127.0.0.1:port. Node 0 hosts the
+    rendezvous store, as the machine named in --rdzv-endpoint does on a cluster (on one host both agents would
+    race to host it, and which of them lost decided how the other failed)."""
     command = [sys.executable, '-m', 'torch.distributed.run', '--nnodes=2', '--nproc-per-node=1',
-               '--rdzv-backend=c10d', f'--rdzv-endpoint=127.0.0.1:{port}', '--rdzv-id=two_nodes'] + args
+               '--rdzv-backend=c10d', f'--rdzv-endpoint=127.0.0.1:{port}', '--rdzv-id=two_nodes',
+               f'--rdzv-conf=is_host={int(node == 0)}'] + args
     log = open(log_path, 'w')
     return subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True,
                             env=dict(os.environ, OMP_NUM_THREADS='1'))
@@ -51,7 +54,7 @@ def kill_node(agent: subprocess.Popen) -> None:
 def test_two_nodes_train_evaluate_each_val_image_once_with_one_writer(tiny_image_folder, tmp_path):
     port = free_port()
     args = entry_args(tiny_image_folder, tmp_path / 'out', 'nodes', 2)
-    agents = [node_agent(port, args, tmp_path / f'node{i}.log') for i in range(2)]
+    agents = [node_agent(port, args, tmp_path / f'node{i}.log', i) for i in range(2)]
     try:
         codes = [agent.wait(timeout=400) for agent in agents]
     finally:
@@ -77,10 +80,10 @@ def test_two_nodes_train_evaluate_each_val_image_once_with_one_writer(tiny_image
 def test_losing_a_node_makes_the_other_exit_non_zero_within_60s_naming_the_failure(tiny_image_folder, tmp_path):
     port = free_port()
     args = entry_args(tiny_image_folder, tmp_path / 'out', 'lost', 200)
-    agents = [node_agent(port, args, tmp_path / f'node{i}.log') for i in range(2)]
+    agents = [node_agent(port, args, tmp_path / f'node{i}.log', i) for i in range(2)]
     try:
         _wait_for(tmp_path / 'out' / 'lost' / 'ckpt' / 'epoch_1_iter_3.pth.tar', time.time() + 300)
-        kill_node(agents[1])
+        kill_node(agents[1])  # a worker machine; node 0 keeps the rendezvous store
         lost_at = time.time()
         code = agents[0].wait(timeout=120)
         survived_for = time.time() - lost_at
