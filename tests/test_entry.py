@@ -110,7 +110,7 @@ def test_the_demo_writes_the_digits_once_and_learns_them(tmp_path):
     assert len(list((damaged / 'digits').rglob('*.png'))) == 1797
 
     result = run_entry('--demo', '--set', f'output_dir={tmp_path / "runs"}', '--set', 'policy.learn.train_epoch=3',
-                       env={'XDG_CACHE_HOME': str(cache), 'OMP_NUM_THREADS': '2'})
+                       env={'XDG_CACHE_HOME': str(cache)})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads(next((tmp_path / 'runs').rglob('summary.json')).read_text())
     assert summary['epochs'] == 3 and summary['eval_samples'] == len(files['val']) and summary['acc1'] >= 85
