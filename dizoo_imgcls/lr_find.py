@@ -155,7 +155,7 @@ def find_lr(cfg: EasyDict, start: float = DEFAULT_START_LR, end: float = DEFAULT
         raise ValueError(f'--lr-find starts from a fresh model and cannot resume ({cfg.resume}); to sweep from '
                          f'trained weights set policy.model.pretrained=CHECKPOINT')
     cfg = copy.deepcopy(cfg)
-    set_deterministic(cfg.deterministic)
+    set_deterministic(cfg.deterministic, cfg.policy.learn.cudnn_benchmark)
     set_pkg_seed(cfg.seed, use_cuda=cfg.policy.cuda and torch.cuda.is_available())
     data = build_loaders(cfg.data, cfg.policy.learn.batch_size, cfg.policy.eval.batch_size, 0, 1, cfg.seed)
     prepare_config(cfg, data)

@@ -450,8 +450,9 @@ def write_json(path: str, payload: Any) -> None:
     atomic_write(path, lambda f: f.write(text.encode('utf-8')))
 
 
-def set_deterministic(enabled: bool) -> None:
-    """Bit-exact repeatability: deterministic kernels, no cuDNN autotuning."""
+def set_deterministic(enabled: bool, cudnn_benchmark: bool = True) -> None:
+    """Bit-exact repeatability (``deterministic``): deterministic kernels and no cuDNN autotuning. Otherwise cuDNN
+    autotunes as ``policy.learn.cudnn_benchmark`` says (on a GPU; the flag does nothing on a CPU)."""
     torch.use_deterministic_algorithms(enabled, warn_only=True)
     torch.backends.cudnn.deterministic = enabled
-    torch.backends.cudnn.benchmark = not enabled and torch.cuda.is_available()
+    torch.backends.cudnn.benchmark = bool(cudnn_benchmark) and not enabled

@@ -10,7 +10,7 @@ from contextlib import nullcontext
 from typing import Any, Dict
 
 import torch
-from ding.utils import set_pkg_seed
+from ding.utils import deep_merge_dicts, set_pkg_seed
 from ding.worker import BaseLearner, MetricSerialEvaluator
 from easydict import EasyDict
 
@@ -67,7 +67,7 @@ class TrainingRun:
         check_run_settings(cfg)
         self.rank, self.world_size = init_distributed(cfg.policy.cuda)
         cfg.policy.learn.multi_gpu = self.world_size > 1
-        set_deterministic(cfg.deterministic)
+        set_deterministic(cfg.deterministic, cfg.policy.learn.cudnn_benchmark)
         set_pkg_seed(cfg.seed + self.rank, use_cuda=cfg.policy.cuda and torch.cuda.is_available())
         self.data = build_loaders(cfg.data, cfg.policy.learn.batch_size, cfg.policy.eval.batch_size, self.rank,
                                   self.world_size, cfg.seed)
@@ -128,7 +128,9 @@ class TrainingRun:
         self.log_hook = TrainLoggerHook(self.tb, cfg.log_every, cfg.policy.learn.train_epoch * iters, iters,
                                         self.world_size, self.rank, global_batch_sizes=batches() if batches else None)
         self.learner.register_hook(self.log_hook)
-        eval_cfg = EasyDict(dict(cfg.policy.eval.evaluator))
+        # DI-engine's defaults under ours: its eval_freq (read only by its should_eval, which the run never calls;
+        # the run evaluates every `eval_every` epochs) is no key of ours.
+        eval_cfg = EasyDict(deep_merge_dicts(MetricSerialEvaluator.default_config(), dict(cfg.policy.eval.evaluator)))
         if eval_cfg.stop_value is None:  # DI-engine needs a number: one that is never reached
             eval_cfg.stop_value = float('-inf') if self.metric.lower_is_better else float('inf')
         # Its own evaluator_iter/* and evaluator_step/* scalars would repeat eval/* (the latter at step -1).

@@ -100,3 +100,20 @@ def test_compiled_config_file_round_trips_through_config(tmp_path):
     save_config_file(cfg, path)
     again = build_config(load_config_file(path), source=path)
     assert again == cfg
+
+
+def test_cudnn_benchmark_follows_its_key_and_deterministic_turns_it_off():
+    import torch
+
+    from dizoo_imgcls.runtime import set_deterministic
+
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)
+    try:
+        set_deterministic(False, cudnn_benchmark=False)  # used to be turned on whenever a GPU was there
+        assert torch.backends.cudnn.benchmark is False and not torch.are_deterministic_algorithms_enabled()
+        set_deterministic(False, cudnn_benchmark=True)
+        assert torch.backends.cudnn.benchmark is True
+        set_deterministic(True, cudnn_benchmark=True)
+        assert torch.backends.cudnn.benchmark is False and torch.backends.cudnn.deterministic is True
+    finally:
+        set_deterministic(before[0], before[1])

@@ -163,13 +163,10 @@ class ImageClassificationPolicy(Policy):
             # evaluation (TTA multiplies eval compute by the number of views).
             tta=dict(flip=False, scales=[], every_eval=False),
             # (dict) DI-engine MetricSerialEvaluator settings. stop_value None: never stop early.
-            evaluator=dict(eval_freq=1, stop_value=None, multi_gpu=False),
+            evaluator=dict(stop_value=None, multi_gpu=False),
         ),
         collect=dict(),
     )
-
-    def default_model(self):
-        return 'resnet18', ['dizoo_imgcls.model']
 
     def _create_model(self, cfg, model: Optional[nn.Module] = None) -> nn.Module:
         if model is None:
@@ -184,8 +181,6 @@ class ImageClassificationPolicy(Policy):
         # The base class picks cuda:rank; under torchrun the entry has already selected the local GPU.
         if self._cuda:
             self._device = f'cuda:{torch.cuda.current_device()}'
-            if self._cfg.learn.cudnn_benchmark and not torch.are_deterministic_algorithms_enabled():
-                torch.backends.cudnn.benchmark = True
         self._amp_dtype = resolve_amp_dtype(self._cfg.learn.amp, 'cuda' if self._cuda else 'cpu')
 
     def _autocast(self):
