@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import shutil
 
@@ -16,6 +17,27 @@ if int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1')) > 1:
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_IMAGENETTE = os.path.join(REPO, '..', 'shared', 'data', 'imagenette2-224')
+
+
+def load_entry(name: str):
+    """The module of entry/<name>.py (entry scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(f'_entry_{name}', os.path.join(REPO, 'entry', f'{name}.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_main(capsys, name: str, *argv):
+    """``(exit code, stdout, stderr)`` of entry/<name>.py's ``main`` in this process: for what a command refuses
+    before it trains (a process start costs ~5 s of CPU in imports). An exception it should have turned into a
+    message fails the test with its traceback. The process-level contracts keep their real-process tests."""
+    capsys.readouterr()
+    try:
+        code = load_entry(name).main([str(a) for a in argv])
+    except SystemExit as e:  # argparse's usage errors exit from inside main
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 @pytest.fixture(autouse=True)
@@ -69,3 +91,18 @@ def tiny_image_folder(tmp_path):
     Image.fromarray(np.full((40, 48), 128, np.uint8), mode='L').save(tmp_path / 'train' / 'a_red' / 'gray.png')
     yield str(tmp_path)
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Files with the long runs first (those on the shared Imagenette, then by their count of slow tests), each
+    file's tests kept together and in order: xdist hands out whole files (--dist loadfile) in this order, and a
+    long file started last kept one worker busy minutes after the other had finished."""
+    def weight(item):
+        return 1000 * ('imagenette_root' in getattr(item, 'fixturenames', ())) + (item.get_closest_marker('slow')
+                                                                                   is not None)
+
+    files = {}
+    for index, item in enumerate(items):
+        files.setdefault(item.path, []).append(item)
+    order = sorted(files.values(), key=lambda group: -sum(weight(item) for item in group))
+    items[:] = [item for group in order for item in group]

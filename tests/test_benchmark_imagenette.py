@@ -14,6 +14,7 @@ from conftest import REPO
 BENCHMARK = os.path.join(REPO, 'benchmarks', 'imagenette.py')
 
 
+@pytest.mark.slow  # > ~10 s on 2 cores
 def test_benchmark_reports_both_runs_and_consistent_ratios(tiny_image_folder, tmp_path_factory):
     out_dir = tmp_path_factory.mktemp('bench')
     out_file = out_dir / 'result.json'

@@ -149,6 +149,7 @@ def test_count_is_shared_by_worker_processes(corpus):
     assert dataset.skipped_files() == len(files['train_bad'])
 
 
+@pytest.mark.slow  # > ~10 s on 2 cores
 def test_training_survives_the_corpus_and_names_each_bad_file_once(corpus, tmp_path):
     root, files = corpus
     result = run_entry(
@@ -181,6 +182,7 @@ def test_training_survives_the_corpus_and_names_each_bad_file_once(corpus, tmp_p
     assert 'Traceback' not in check.stderr
 
 
+@pytest.mark.slow  # > ~10 s on 2 cores
 def test_a_symlink_loop_in_a_class_folder_is_a_layout_error_not_a_crash(tmp_path):
     write_good_images(tmp_path, 'train', 2)
     write_good_images(tmp_path, 'val', 1)

@@ -17,6 +17,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import REPO
 from test_resume import SMALL_RUN
 
+pytestmark = pytest.mark.slow  # torchrun with 2 processes: every test over 10 s on 2 cores
+
 TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
 ENTRY = os.path.join(REPO, 'entry', 'imagenet_res18_main.py')
 WORKER = os.path.join(REPO, 'tests', '_ddp_equivalence.py')

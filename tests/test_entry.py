@@ -1,14 +1,17 @@
-"""The command line as a user runs it: real processes, real files."""
+"""The command line as a user runs it: real processes and real files; what it refuses before training, through its
+``main`` in process (conftest.run_main)."""
 import json
 import os
 import re
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
-from conftest import REPO, make_subset
+import pytest
+
+from conftest import REPO, run_main
 
 ENTRY = os.path.join(REPO, 'entry', 'imagenet_res18_main.py')
+MAIN = 'imagenet_res18_main'
 
 
 def run_entry(*args, env=None, timeout=600):
@@ -28,25 +31,22 @@ def run_tiny(data_root, out_dir, exp_name, *extra):
     return result
 
 
-def test_missing_data_root_is_one_clear_line_and_exit_2(tmp_path):
+def test_missing_data_root_is_one_clear_line_and_exit_2(tmp_path, capsys):
     missing = tmp_path / 'nope'
-    result = run_entry('--data-root', str(missing), '--set', f'output_dir={tmp_path}')
-    assert result.returncode == 2
-    assert 'Traceback' not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
+    code, _, err = run_main(capsys, MAIN, '--data-root', missing, '--set', f'output_dir={tmp_path}')
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
     assert str(missing) in lines[0] and '--demo' in lines[0] and 'train/<class>' in lines[0]
 
 
-def test_no_data_root_at_all_points_to_the_flags(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != 'IMAGENET_ROOT'}
-    result = subprocess.run([sys.executable, ENTRY, '--set', f'output_dir={tmp_path}'], capture_output=True,
-                            text=True, timeout=300, env=env, cwd=REPO)
-    assert result.returncode == 2
-    assert '--data-root' in result.stderr and '--demo' in result.stderr and 'Traceback' not in result.stderr
+def test_no_data_root_at_all_points_to_the_flags(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv('IMAGENET_ROOT', raising=False)
+    code, _, err = run_main(capsys, MAIN, '--set', f'output_dir={tmp_path}')
+    assert code == 2 and '--data-root' in err and '--demo' in err
 
 
-def test_settings_that_cannot_run_are_refused_before_any_folder_is_made(tiny_image_folder, tmp_path):
+def test_settings_that_cannot_run_are_refused_before_any_folder_is_made(tiny_image_folder, tmp_path, capsys):
     blocker = tmp_path / 'a_file'
     blocker.write_text('not a folder')
     cases = [(['--resume', str(tmp_path / 'missing.pth.tar')], 'checkpoint not found'),
@@ -54,29 +54,26 @@ def test_settings_that_cannot_run_are_refused_before_any_folder_is_made(tiny_ima
              (['--set', 'policy.model.name=resnet19'], "unknown model 'resnet19'"),
              (['--set', f'output_dir={blocker}'], 'cannot create the experiment folder'),
              (['--check-data', '--set', 'data.decoder=turbo'], 'data.decoder must be one of')]
-    outs = [tmp_path / f'runs_{i}' for i in range(len(cases))]  # each case its own: none may be made
-    # The processes mostly import torch and DI-engine: two at a time halve this test's time on 2 cores.
-    with ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(lambda case, out: run_entry('--data-root', tiny_image_folder, '--set',
-                                                            f'output_dir={out}', *case[0]), cases, outs))
-    for (extra, says), out, result in zip(cases, outs, results):
-        assert result.returncode == 2 and says in result.stderr and 'Traceback' not in result.stderr, result.stderr
+    for i, (extra, says) in enumerate(cases):
+        out = tmp_path / f'runs_{i}'  # each case its own: none may be made
+        code, _, err = run_main(capsys, MAIN, '--data-root', tiny_image_folder, '--set', f'output_dir={out}', *extra)
+        assert code == 2 and says in err, err
         assert not out.exists(), extra
 
 
-def test_unknown_set_key_exits_2_naming_closest_key(tmp_path):
-    result = run_entry('--demo', '--set', 'policy.learn.lr_per256=0.1', '--set', f'output_dir={tmp_path}')
-    assert result.returncode == 2
-    assert 'policy.learn.lr_per_256' in result.stderr and 'Traceback' not in result.stderr
+def test_unknown_set_key_exits_2_naming_closest_key(tmp_path, capsys):
+    code, _, err = run_main(capsys, MAIN, '--demo', '--set', 'policy.learn.lr_per256=0.1', '--set',
+                            f'output_dir={tmp_path}')
+    assert code == 2 and 'policy.learn.lr_per_256' in err
 
 
-def test_val_class_unknown_to_train_is_a_clear_error(tiny_image_folder, tmp_path):
+def test_val_class_unknown_to_train_is_a_clear_error(tiny_image_folder, tmp_path, capsys):
     os.makedirs(os.path.join(tiny_image_folder, 'val', 'zebra'))
-    result = run_entry('--data-root', tiny_image_folder, '--set', f'output_dir={tmp_path}')
-    assert result.returncode == 2
-    assert 'zebra' in result.stderr and 'Traceback' not in result.stderr
+    code, _, err = run_main(capsys, MAIN, '--data-root', tiny_image_folder, '--set', f'output_dir={tmp_path}')
+    assert code == 2 and 'zebra' in err
 
 
+@pytest.mark.slow  # > ~10 s on 2 cores
 def test_short_run_on_generated_folder_writes_experiment(tiny_image_folder, tmp_path):
     result = run_tiny(tiny_image_folder, tmp_path, 'tiny', '--seed', '1')
     exp = tmp_path / 'tiny'
@@ -93,6 +90,7 @@ def test_short_run_on_generated_folder_writes_experiment(tiny_image_folder, tmp_
     assert re.search(rf'training on cpu \(\d+ threads\), {precision}, channels_last\n', result.stdout), result.stdout
 
 
+@pytest.mark.slow  # > ~10 s on 2 cores
 def test_the_demo_writes_the_digits_once_and_learns_them(tmp_path):
     from dizoo_imgcls.demo import prepare_digits
 

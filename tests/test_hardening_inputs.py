@@ -1,7 +1,6 @@
 """Bad inputs refused in one line before anything is written (issue 23: items 3, 4, 9 and 11's input parts):
 writers that would overwrite their own input, image sizes, unreadable splits, config value types, and the
 predict entry's file names, missing inputs and non-regular files."""
-import importlib.util
 import logging
 import os
 import subprocess
@@ -12,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, run_main
 from dizoo_imgcls.checkpoint import CHECKPOINT_FORMAT, atomic_torch_save, rng_state, to_plain
 from dizoo_imgcls.config import ConfigError, build_config, default_config
 from dizoo_imgcls.data.check import UnreadableSplitError, check_split_readable
@@ -24,19 +23,6 @@ CLASSES = ['a_red', 'b_green']
 COLOURS = [(200, 30, 30), (30, 200, 30)]
 SMALL_RUN = ['--set', 'data.image_size=32', '--set', 'policy.learn.batch_size=4', '--set', 'policy.eval.batch_size=4',
              '--set', 'data.num_workers=0', '--set', 'policy.cuda=False', '--set', 'policy.learn.train_epoch=1']
-
-
-def load_entry(name):
-    spec = importlib.util.spec_from_file_location(f'_entry_{name}', os.path.join(REPO, 'entry', f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def run_entry(capsys, name, *argv):
-    code = load_entry(name).main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def save_image(path, colour, size=(24, 28)):
@@ -90,7 +76,7 @@ def test_export_refuses_an_output_that_is_the_checkpoint(checkpoint, tmp_path, c
     spellings = [os.path.join(str(checkpoint.parent), '.', '..', checkpoint.parent.name, checkpoint.name),
                  str(tmp_path / 'link.pth.tar'), str(tmp_path / 'weights')]
     for output in [str(checkpoint)] + spellings:  # itself, another spelling, a symlink, the sidecar
-        code, out, err = run_entry(capsys, 'export', '--checkpoint', checkpoint, '--format', 'torchscript',
+        code, out, err = run_main(capsys, 'export', '--checkpoint', checkpoint, '--format', 'torchscript',
                                    '--output', output)
         assert code == 2, err
         one_error_line(err, output, 'is the checkpoint')
@@ -125,7 +111,7 @@ def test_resized_copy_refuses_an_output_inside_its_source_also_through_a_link(da
 
 def test_label_issues_refuse_outputs_in_the_data_or_over_the_checkpoint(data_root, checkpoint, tmp_path, capsys):
     for out_dir in (data_root / 'train' / 'reports', data_root / 'val'):
-        code, out, err = run_entry(capsys, 'find_label_issues', '--data-root', data_root, '--split', 'val',
+        code, out, err = run_main(capsys, 'find_label_issues', '--data-root', data_root, '--split', 'val',
                                    '--checkpoint', checkpoint, '--out-dir', out_dir)
         assert code == 2
         one_error_line(err, str(out_dir), 'class folder')
@@ -135,7 +121,7 @@ def test_label_issues_refuse_outputs_in_the_data_or_over_the_checkpoint(data_roo
     reports.mkdir()
     os.symlink(checkpoint, reports / 'label_issues.csv')
     before = checkpoint.read_bytes()
-    code, out, err = run_entry(capsys, 'find_label_issues', '--data-root', data_root, '--split', 'val',
+    code, out, err = run_main(capsys, 'find_label_issues', '--data-root', data_root, '--split', 'val',
                                '--checkpoint', reports / 'label_issues.csv', '--out-dir', reports)
     assert code == 2
     one_error_line(err, 'over the checkpoint')
@@ -153,7 +139,7 @@ def test_label_issues_refuse_outputs_in_the_data_or_over_the_checkpoint(data_roo
                                            ('policy.eval.tta.scales=[80.0]', ('policy.eval.tta.scales', '2048'))])
 def test_bad_image_sizes_are_one_line_before_any_folder(data_root, tmp_path, capsys, setting, says):
     out = tmp_path / 'runs'
-    code, _, err = run_entry(capsys, 'imagenet_res18_main', '--data-root', data_root, *SMALL_RUN,
+    code, _, err = run_main(capsys, 'imagenet_res18_main', '--data-root', data_root, *SMALL_RUN,
                              '--set', f'output_dir={str(out)!r}', '--set', setting)
     assert code == 2
     line = one_error_line(err, *says)
@@ -162,7 +148,7 @@ def test_bad_image_sizes_are_one_line_before_any_folder(data_root, tmp_path, cap
 
 @pytest.mark.parametrize('size', ['-5', '0', '100000'])
 def test_eval_only_refuses_bad_eval_sizes(data_root, checkpoint, capsys, size):
-    code, _, err = run_entry(capsys, 'imagenet_res18_main', '--eval-only', '--resume', checkpoint, '--data-root',
+    code, _, err = run_main(capsys, 'imagenet_res18_main', '--eval-only', '--resume', checkpoint, '--data-root',
                              data_root, '--set', f'data.eval_image_size={size}')
     assert code == 2
     one_error_line(err, 'data.eval_image_size', size)
@@ -187,7 +173,7 @@ def empty_all(folder):
 def test_an_unreadable_split_is_one_line_before_training(data_root, tmp_path, capsys, split):
     empty_all(data_root / split)
     out = tmp_path / 'runs'
-    code, _, err = run_entry(capsys, 'imagenet_res18_main', '--data-root', data_root, *SMALL_RUN,
+    code, _, err = run_main(capsys, 'imagenet_res18_main', '--data-root', data_root, *SMALL_RUN,
                              '--set', f'output_dir={str(out)!r}')
     assert code == 2
     one_error_line(err, 'no readable image in', str(data_root / split), 'empty file')
@@ -223,7 +209,7 @@ def test_a_config_file_value_of_the_wrong_type_names_the_key(data_root, tmp_path
     config = tmp_path / 'my_config.py'
     config.write_text("main_config = dict(policy=dict(learn=dict(batch_size='8')))\n")
     out = tmp_path / 'runs'
-    code, _, err = run_entry(capsys, 'imagenet_res18_main', '--config', config, '--data-root', data_root,
+    code, _, err = run_main(capsys, 'imagenet_res18_main', '--config', config, '--data-root', data_root,
                              '--set', f'output_dir={str(out)!r}')
     assert code == 2 and not out.exists()
     one_error_line(err, str(config), 'policy.learn.batch_size', "'8'")
@@ -243,13 +229,13 @@ def test_set_none_is_none_for_keys_that_default_to_none():
 def test_predict_prints_a_name_with_a_newline_on_one_line(checkpoint, tmp_path, capsys):
     name = tmp_path / 'two\nlines.jpg'
     save_image(name, COLOURS[0])
-    code, out, err = run_entry(capsys, 'predict', '--checkpoint', checkpoint, '--input', name, '--topk', '2')
+    code, out, err = run_main(capsys, 'predict', '--checkpoint', checkpoint, '--input', name, '--topk', '2')
     assert code == 0, err
     lines = out.splitlines()
     assert len(lines) == 3 and lines[0] == repr(str(name)) and lines[1].lstrip().startswith('1.')
     # skipped files are one line each too
     (tmp_path / 'bad\nfile.jpg').write_bytes(b'')
-    code, out, err = run_entry(capsys, 'predict', '--checkpoint', checkpoint, '--input', tmp_path / 'bad\nfile.jpg')
+    code, out, err = run_main(capsys, 'predict', '--checkpoint', checkpoint, '--input', tmp_path / 'bad\nfile.jpg')
     expected = 'skipped ' + repr(str(tmp_path / 'bad\nfile.jpg')) + ': empty file (0 bytes)'  # 'bad\\nfile.jpg'
     assert code == 1 and err.splitlines()[0] == expected and '\\n' in expected, err
 
@@ -257,11 +243,11 @@ def test_predict_prints_a_name_with_a_newline_on_one_line(checkpoint, tmp_path, 
 def test_predict_exits_2_for_a_missing_or_non_regular_input(checkpoint, tmp_path, capsys):
     good = tmp_path / 'red.jpg'
     save_image(good, COLOURS[0])
-    code, out, err = run_entry(capsys, 'predict', '--checkpoint', checkpoint, '--input', tmp_path / 'missing.jpg')
+    code, out, err = run_main(capsys, 'predict', '--checkpoint', checkpoint, '--input', tmp_path / 'missing.jpg')
     assert code == 2 and f'skipped {tmp_path / "missing.jpg"}: no such file or folder' in err
     os.symlink('/dev/urandom', tmp_path / 'random.jpg')
     os.symlink(tmp_path / 'gone.jpg', tmp_path / 'dangling.jpg')
-    code, out, err = run_entry(capsys, 'predict', '--checkpoint', checkpoint, '--input', tmp_path / 'random.jpg',
+    code, out, err = run_main(capsys, 'predict', '--checkpoint', checkpoint, '--input', tmp_path / 'random.jpg',
                                tmp_path / 'dangling.jpg', good)
     assert code == 2
     assert f'skipped {tmp_path / "random.jpg"}: not a regular file' in err

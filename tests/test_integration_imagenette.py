@@ -30,10 +30,12 @@ def three_class_run(imagenette_root, tmp_path_factory):
     """One real 3-class training run, shared by the tests below (it is the slow part)."""
     tmp = tmp_path_factory.mktemp('imagenette3')
     root = make_subset(imagenette_root, str(tmp / 'data'), CLASSES, {'train': 260, 'val': 50})
-    _, summary = train_subset(root, tmp / 'runs', 'subset', 8)
+    # 6 epochs: 74.0% top-1 here (8 epochs: 76.7%, 5: 70.7%; one thread per xdist worker, 95 s instead of 139 s)
+    _, summary = train_subset(root, tmp / 'runs', 'subset', 6)
     return tmp / 'runs' / 'subset', summary
 
 
+@pytest.mark.slow  # > ~10 s on 2 cores
 def test_three_class_imagenette_trains_well_above_chance(three_class_run):
     exp, summary = three_class_run
     summary = json.loads((exp / 'summary.json').read_text())
@@ -47,13 +49,14 @@ def test_three_class_imagenette_trains_well_above_chance(three_class_run):
     tags = set(events.Tags()['scalars'])
     assert REQUIRED_TAGS <= tags, REQUIRED_TAGS - tags
     eval_acc = [e.value for e in events.Scalars('eval/acc1')]
-    assert len(eval_acc) == 8 and eval_acc[-1] == pytest.approx(summary['acc1'], abs=1e-4)
+    assert len(eval_acc) == 6 and eval_acc[-1] == pytest.approx(summary['acc1'], abs=1e-4)
     # the config's flip TTA runs in the last evaluation only, beside the plain number
     tta = events.Scalars('eval/acc1_tta')
     assert len(tta) == 1 and tta[0].value == pytest.approx(summary['acc1_tta'], abs=1e-4)
     assert tta[0].step == events.Scalars('eval/acc1')[-1].step
 
 
+@pytest.mark.slow  # > ~10 s on 2 cores
 def test_fine_tuning_on_two_new_classes_beats_training_from_scratch(three_class_run, imagenette_root, tmp_path):
     """The 3-class model's features transfer: on 2 other classes, at equal steps, fine-tuning wins."""
     pretrained = three_class_run[0] / 'ckpt' / 'ckpt_best.pth.tar'

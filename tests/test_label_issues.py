@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import REPO, make_subset
+from conftest import REPO, make_subset, run_main
 from dizoo_imgcls.checkpoint import latest_checkpoint
 from dizoo_imgcls.label_issues import (LabelIssue, rank_label_issues, scan_labelled_folder, stratified_folds,
                                        write_fold_tree)
@@ -93,23 +93,24 @@ def test_reports_csv_html_and_tensorboard(tiny_image_folder, tmp_path):
     assert len(events.Images(TB_TAG)) == 1
 
 
-def test_entry_errors_are_one_line_and_exit_2(tmp_path):
-    result = run_label_entry('--data-root', str(tmp_path / 'nope'), '--out-dir', str(tmp_path / 'out'))
-    assert result.returncode == 2 and 'Traceback' not in result.stderr and str(tmp_path / 'nope') in result.stderr
-    result = run_label_entry('--data-root', str(tmp_path), '--folds', '1')
-    assert result.returncode == 2 and '>= 2' in result.stderr
+def test_entry_errors_are_one_line_and_exit_2(tmp_path, capsys):
+    code, _, err = run_main(capsys, 'find_label_issues', '--data-root', tmp_path / 'nope', '--out-dir', tmp_path / 'out')
+    assert code == 2 and str(tmp_path / 'nope') in err and len(err.strip().splitlines()) == 1, err
+    code, _, err = run_main(capsys, 'find_label_issues', '--data-root', tmp_path, '--folds', '1')
+    assert code == 2 and '>= 2' in err
 
 
-def test_entry_refuses_what_would_fail_late_before_any_fold_trains(tiny_image_folder, tmp_path):
+def test_entry_refuses_what_would_fail_late_before_any_fold_trains(tiny_image_folder, tmp_path, capsys):
     out = tmp_path / 'out'
     settings = (['--set', 'policy.eval.metric_key=acc1_ema'], ['--set', 'policy.model.num_classes=5'],
                 ['--folds', '40'])  # the folder's train split holds 37 images
     for extra in settings:
-        result = run_label_entry('--data-root', tiny_image_folder, '--out-dir', str(out), *extra, *TINY_RUN)
-        assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr[-2000:]
+        code, _, err = run_main(capsys, 'find_label_issues', '--data-root', tiny_image_folder, '--out-dir', out,
+                                *extra, *TINY_RUN)
+        assert code == 2, err[-2000:]
         assert not (out / 'folds').exists(), extra
         if extra == settings[0]:
-            assert 'ema.enabled' in result.stderr  # the message says what to turn on
+            assert 'ema.enabled' in err  # the message says what to turn on
 
 
 def test_a_split_with_no_readable_image_is_a_clear_error(tiny_image_folder, monkeypatch):
@@ -125,6 +126,7 @@ def test_a_split_with_no_readable_image_is_a_clear_error(tiny_image_folder, monk
         module.label_issues(EasyDict(data=dict(root=tiny_image_folder)), 'unused', 'val', checkpoint='any')
 
 
+@pytest.mark.slow  # > ~10 s on 2 cores
 def test_kfold_then_checkpoint_mode_on_generated_images(tiny_image_folder, tmp_path):
     out = tmp_path / 'out'
     result = run_label_entry('--data-root', tiny_image_folder, '--folds', '2', '--out-dir', str(out),
@@ -172,6 +174,7 @@ def flip_labels(root, classes, fraction, seed=0):
     return moved
 
 
+@pytest.mark.slow  # > ~10 s on 2 cores
 def test_flipped_imagenette_labels_rank_near_the_top(imagenette_root, tmp_path):
     root = make_subset(imagenette_root, str(tmp_path / 'data'), FLIP_CLASSES, {'train': 120})
     flipped = set(flip_labels(root, FLIP_CLASSES, 0.05))

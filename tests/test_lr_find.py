@@ -82,6 +82,7 @@ def read_csv(path):
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
+@pytest.mark.slow  # > ~10 s on 2 cores
 def test_lr_find_command_writes_csv_plot_tensorboard_and_suggestion(tiny_image_folder, tmp_path):
     start, end, steps, batch = 1e-6, 10.0, 30, 8
     result = run_entry('--data-root', tiny_image_folder, '--exp-name', 'tiny', '--lr-find',

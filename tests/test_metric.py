@@ -99,6 +99,7 @@ def _reduce_on_rank(rank, init_file, results):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # > ~10 s on 2 cores
 def test_a_rank_without_eval_samples_reduces_the_tta_keys_of_the_others(tmp_path):
     import torch.multiprocessing as mp
 

@@ -156,6 +156,7 @@ def _two_rank_worker(rank, port, out_path):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # > ~10 s on 2 cores
 def test_two_ranks_give_the_single_process_confusion_and_mistakes(tmp_path):
     import socket
     with socket.socket() as s:
@@ -244,6 +245,7 @@ def test_provenance_helpers(tmp_path):
     assert peak_rss_mb() > 10
 
 
+@pytest.mark.slow  # > ~10 s on 2 cores
 def test_short_run_writes_panels_summary_and_plain_console(tiny_image_folder, tmp_path):
     result = run_tiny(tiny_image_folder, tmp_path, 'obs')
     assert '\r' not in result.stdout and result.stdout.count(' done in 0:') == 2  # no TTY: plain lines

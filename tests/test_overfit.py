@@ -142,6 +142,7 @@ def majority_pct():
     return 100.0 * (1.0 - mask.mean())
 
 
+@pytest.mark.slow  # > ~10 s on 2 cores
 def test_raw_pixel_inputs_stay_at_the_majority_share(tmp_path, majority_pct):
     accs = fit_fit(tmp_path, 'raw', input_range=None)
     # All white (or flipped all black): never meaningfully better than predicting background everywhere.
@@ -150,6 +151,7 @@ def test_raw_pixel_inputs_stay_at_the_majority_share(tmp_path, majority_pct):
 
 @pytest.mark.parametrize('model', [dict(input_range=1.0), dict(input_range=None, batch_norm=True)],
                          ids=['inputs_in_minus1_1', 'raw_with_batchnorm'])
+@pytest.mark.slow  # > ~10 s on 2 cores
 def test_normalized_inputs_or_batchnorm_fit_the_word(tmp_path, majority_pct, model):
     accs = fit_fit(tmp_path, 'fit', **model)
     assert accs[-1] >= 95.0 > majority_pct + 4, (accs, majority_pct)

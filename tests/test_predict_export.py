@@ -348,6 +348,7 @@ def test_export_reloads_and_matches_pytorch_on_another_batch_size(checkpoint_pat
 @pytest.mark.parametrize('name, options', [('timm/resnet18d', dict(activation='silu')),
                                            ('timm/resnet18d', dict(activation='mish', blur_pool=True,
                                                                    block_args=dict(attn_layer='se')))])
+@pytest.mark.slow  # > ~10 s on 2 cores
 def test_the_imagenette_recipes_model_exports_too(tmp_path, fmt, suffix, name, options):
     """timm's ResNet-18-D with SiLU (config/imagenette_res18_config.py): deep stem, average-pool shortcuts and SiLU all
     survive tracing / ONNX (SiLU has no ONNX op of its own before opset 24: it becomes x * Sigmoid(x)); so do the

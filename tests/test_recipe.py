@@ -297,6 +297,7 @@ def test_a_variant_metric_key_needs_its_variant_and_bad_settings_fail_before_tra
     check_run_settings(cfg)
 
 
+@pytest.mark.slow  # > ~10 s on 2 cores
 def test_short_run_with_every_technique_enabled(tiny_image_folder, tmp_path):
     """Everything at once through the entry: timm's ResNet-D with its anti-aliasing (BlurPool), RandAugment, progressive resizing, a larger
     test resolution, Mixup/CutMix, label smoothing, EMA, flip + multi-scale TTA deciding the best checkpoint."""

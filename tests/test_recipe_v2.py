@@ -52,6 +52,7 @@ def test_lookahead_step_equals_the_hand_computed_update():
 
 
 @pytest.mark.parametrize('name', ['radam', 'lamb'])
+@pytest.mark.slow  # > ~10 s on 2 cores
 def test_library_optimizers_train_through_the_policy_and_resume_exactly(name):
     """RAdam (decoupled weight decay) and LAMB with Lookahead, flat_cos, no warmup: the loss falls on a fixed
     batch, and a policy restored from the state dict continues exactly as the original one."""

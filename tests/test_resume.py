@@ -29,6 +29,7 @@ def small_cfg(root, out, epochs, exp_name, *extra):
     return cfg
 
 
+@pytest.mark.slow  # > ~10 s on 2 cores
 def test_stopped_after_epoch_2_and_resumed_matches_uninterrupted_epoch_3(tiny_image_folder, tmp_path):
     mixup = 'policy.learn.mix.mixup_alpha=0.2'  # its draws come from torch's global RNG, saved in the checkpoint
     full = train(small_cfg(tiny_image_folder, tmp_path, 3, 'full', mixup))
@@ -47,6 +48,7 @@ def test_stopped_after_epoch_2_and_resumed_matches_uninterrupted_epoch_3(tiny_im
     assert [h['epoch'] for h in history] == [1, 2, 3]
 
 
+@pytest.mark.slow  # > ~10 s on 2 cores
 def test_mid_epoch_resume_continues_from_the_saved_iteration(tiny_image_folder, tmp_path):
     full = train(small_cfg(tiny_image_folder, tmp_path, 2, 'full'))
     run = train(small_cfg(tiny_image_folder, tmp_path, 2, 'mid', 'checkpoint.every_n_iters=3',
@@ -72,6 +74,7 @@ def test_mid_epoch_resume_continues_from_the_saved_iteration(tiny_image_folder, 
     assert resumed['train_img_per_sec'] == pytest.approx(74 / final['clock']['train_seconds'], rel=0.01)
 
 
+@pytest.mark.slow  # > ~10 s on 2 cores
 def test_resume_from_an_older_checkpoint_keeps_both_histories_and_a_finished_run_is_left_alone(tiny_image_folder,
                                                                                                  tmp_path):
     run = train(small_cfg(tiny_image_folder, tmp_path, 3, 'hist'))
@@ -143,6 +146,7 @@ def _kill_during_write(proc, ckpt_dir, deadline):
     return False
 
 
+@pytest.mark.slow  # > ~10 s on 2 cores
 def test_sigkill_at_random_moments_never_loses_or_repeats_an_epoch(tiny_image_folder, tmp_path):
     epochs, rng = 4, random.Random(0)
     # The reference goes through the same entry, in a process of its own: fp32 results depend on the thread count
@@ -196,6 +200,7 @@ def test_experiment_folder_of_torchrun_jobs_and_of_checkpoints_kept_elsewhere(tm
     assert experiment_dir(cfg) == first
 
 
+@pytest.mark.slow  # > ~10 s on 2 cores
 def test_ctrl_c_names_the_checkpoint_to_resume_from(tiny_image_folder, tmp_path):
     proc = _start(tiny_image_folder, tmp_path, 20)
     ckpt_dir = tmp_path / 'killed' / 'ckpt'
