@@ -24,15 +24,6 @@ class UnreadableSplitError(ValueError):
     """No file of a split is a usable image; the message names the split folder and an example reason."""
 
 
-def _header_problem(path: str, decoder: str) -> Optional[str]:
-    """None if ``path`` opens as an image (file read, format identified, size under the pixel limit)."""
-    try:
-        read_image_file(path, decoder)
-    except UnreadableImageError as e:
-        return str(e)
-    return None
-
-
 def _spread(count: int, sample: int) -> List[int]:
     """Up to ``sample`` indices evenly spread over ``range(count)`` (every class of a class-sorted split)."""
     return sorted(set(np.linspace(0, count - 1, num=min(count, sample)).round().astype(int).tolist()))
@@ -47,7 +38,7 @@ def check_split_readable(split: ImageFolderSplit, name: str, all_headers: bool, 
     bad: Dict[int, str] = {}
     if all_headers:
         for index in range(count):
-            reason = _header_problem(split.path(index), split.decoder)
+            reason = check_file(split.path(index), split.decoder, decode=False)
             if reason is not None:
                 bad[index] = reason
     sampled = [index for index in _spread(count, sample) if index not in bad]
@@ -85,10 +76,11 @@ def check_splits_readable(data) -> None:
             check_split_readable(split, name, all_headers)
 
 
-def check_file(path: str, decoder: str) -> Optional[str]:
-    """None if ``path`` decodes to an RGB image with the training decoder, else the reason."""
+def check_file(path: str, decoder: str, decode: bool = True) -> Optional[str]:
+    """None if ``path`` decodes to an RGB image with the training decoder (``decode=False``: if it opens as an
+    image: file read, format identified, size under the pixel limit), else the reason."""
     try:
-        load_rgb_array(path, decoder)
+        (load_rgb_array if decode else read_image_file)(path, decoder)
     except UnreadableImageError as e:
         return str(e)
     return None
