@@ -10,11 +10,11 @@ import pprint
 from typing import Any, Dict, Iterable, List, Optional
 
 from ding.utils import deep_merge_dicts
-from ding.worker import BaseLearner, MetricSerialEvaluator
 from easydict import EasyDict
 
 from .checkpoint import CheckpointError
 from .data import DATA_CONFIG
+from .ding_adapter import evaluator_config, learner_config
 from .model import check_model_options, model_options
 from .policy import ImageClassificationPolicy
 from .runtime import check_exp_name
@@ -59,12 +59,8 @@ def default_config() -> EasyDict:
     cfg = copy.deepcopy(TOP_CONFIG)
     cfg['data'] = copy.deepcopy(DATA_CONFIG)
     policy = ImageClassificationPolicy.default_config()
-    policy.learn.learner = deep_merge_dicts(BaseLearner.default_config(), policy.learn.learner)
-    # Our TrainLoggerHook replaces DI-engine's tabulated log_show hook (same numbers, one line, plus img/s).
-    # Checkpoints come from the run's CheckpointManager (atomic, full state), not DI-engine's save hooks.
-    for hook_key in ('log_show_after_iter', 'save_ckpt_after_iter', 'save_ckpt_after_run'):
-        del policy.learn.learner.hook[hook_key]
-    policy.eval.evaluator = deep_merge_dicts(MetricSerialEvaluator.default_config(), policy.eval.evaluator)
+    policy.learn.learner = learner_config(policy.learn.learner)
+    policy.eval.evaluator = evaluator_config(policy.eval.evaluator)
     cfg['policy'] = policy
     return EasyDict(cfg)
 

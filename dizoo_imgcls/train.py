@@ -10,13 +10,13 @@ from contextlib import nullcontext
 from typing import Any, Dict
 
 import torch
-from ding.utils import deep_merge_dicts, set_pkg_seed
-from ding.worker import BaseLearner, MetricSerialEvaluator
+from ding.utils import set_pkg_seed
 from easydict import EasyDict
 
 from .checkpoint import (CHECKPOINT_FORMAT, CheckpointError, CheckpointManager, DiskWriteError, one_line,
                          set_aside_later_checkpoints, step_checkpoint_name, sweep_stale_temp_files, to_plain)
 from .config import check_run_settings, check_same_schedule, prepare_config, save_config_file
+from .ding_adapter import make_evaluator, make_learner, restore_best
 from .data import EvalEvent, build_loaders, shutdown_workers
 from .data.check import check_splits_readable
 from .hooks import LossGuardHook, TrainingDiverged, TrainLoggerHook
@@ -118,24 +118,15 @@ class TrainingRun:
             self._log_root = tempfile.mkdtemp(prefix=f'dizoo_imgcls_rank{self.rank}_')
             atexit.register(shutil.rmtree, self._log_root, True)
         exp_name = os.path.relpath(self._log_root)
-        # world size 1 for the learner: with more, DI-engine adds its LogReduceHook, which all-reduces the log
-        # values on cuda:rank (failing on CPU); DDP already syncs gradients and our logger reports global img/s.
-        self.learner = BaseLearner(cfg.policy.learn.learner, self.policy.learn_mode, self.tb,
-                                   dist_info=(self.rank, 1), exp_name=exp_name)
+        self.learner = make_learner(cfg.policy.learn.learner, self.policy.learn_mode, self.tb, self.rank, exp_name)
         iters = cfg.policy.learn.iters_per_epoch
         self.learner.register_hook(LossGuardHook(cfg.get('loss_spike_factor', 0), iters_per_epoch=iters))
         batches = getattr(self.data.train_loader.batch_sampler, 'global_batch_sizes', None)
         self.log_hook = TrainLoggerHook(self.tb, cfg.log_every, cfg.policy.learn.train_epoch * iters, iters,
                                         self.world_size, self.rank, global_batch_sizes=batches() if batches else None)
         self.learner.register_hook(self.log_hook)
-        # DI-engine's defaults under ours: its eval_freq (read only by its should_eval, which the run never calls;
-        # the run evaluates every `eval_every` epochs) is no key of ours.
-        eval_cfg = EasyDict(deep_merge_dicts(MetricSerialEvaluator.default_config(), dict(cfg.policy.eval.evaluator)))
-        if eval_cfg.stop_value is None:  # DI-engine needs a number: one that is never reached
-            eval_cfg.stop_value = float('-inf') if self.metric.lower_is_better else float('inf')
-        # Its own evaluator_iter/* and evaluator_step/* scalars would repeat eval/* (the latter at step -1).
-        self.evaluator = MetricSerialEvaluator(eval_cfg, [self.data.val_loader, self.metric], self.policy.eval_mode,
-                                               NullWriter(), exp_name=exp_name)
+        self.evaluator = make_evaluator(cfg.policy.eval.evaluator, self.data.val_loader, self.metric,
+                                        self.policy.eval_mode, exp_name)
         for ding_logger in ('learner_logger', 'evaluator_logger'):
             # DI-engine's tables stay in exp_dir/log/*; the console gets our one-line summaries instead.
             logging.getLogger(ding_logger).propagate = False
@@ -191,8 +182,7 @@ class TrainingRun:
             set_aside_later_checkpoints(self.checkpoints.dir, self.learner.last_iter.val)
             # What the superseded run logged after this checkpoint (its iterations >= last_iter + 1) is hidden.
             self.tb.purge_step = self.learner.last_iter.val + 1
-        # A new evaluator knows no best yet and would overwrite ckpt_best with the first, maybe worse, result.
-        self.evaluator._max_avg_eval_result = self.state.best
+        restore_best(self.evaluator, self.state.best)
         logger.info(f'resumed from {path}: epoch {self.state.epoch} done, {self.state.batch} batches into the next')
 
     # ----- the loop -----
