@@ -1,4 +1,5 @@
-"""The contract with DI-engine: what dizoo_imgcls.ding_adapter relies on, checked against the installed release."""
+"""The contract with DI-engine: what dizoo_imgcls.ding_adapter relies on, checked against the installed release;
+also our metric inside DI-engine's evaluator (batches 4, 4, 2: summed per sample)."""
 import pytest
 import torch
 from ding.worker import BaseLearner
@@ -57,7 +58,7 @@ def test_the_evaluator_asks_for_the_best_checkpoint_only_above_a_restored_best(t
     evaluator = oracle_evaluator()
     restore_best(evaluator, {'acc1': 80.0, 'acc5': 100.0, 'loss': 0.1})  # a resumed run's best: 80% > 70%
     stop, result = evaluator.eval(requests.append, train_iter=5)
-    assert result['acc1'] == pytest.approx(70.0) and requests == [] and not stop  # None: never stops
+    assert result['acc1'] == pytest.approx(70.0) and result['samples'] == 10 and requests == [] and not stop  # None: never stops
     restore_best(evaluator, None)  # a fresh run
     evaluator.eval(requests.append, train_iter=10)
     assert requests == [BEST_CHECKPOINT_REQUEST]

@@ -2,8 +2,6 @@ import math
 
 import pytest
 import torch
-from ding.worker import MetricSerialEvaluator
-from easydict import EasyDict
 
 from dizoo_imgcls.metric import DiagnosticMetric, ImageClassificationMetric, topk_correct
 
@@ -57,31 +55,6 @@ def test_gt_uses_one_key_and_direction():
     loss = ImageClassificationMetric('loss')
     assert loss.gt({'loss': 0.5}, {'loss': 1.0})  # lower loss is better
     assert not loss.gt({'loss': 1.5}, {'loss': 1.0})
-
-
-def test_inside_dingengine_metric_serial_evaluator(tmp_path, monkeypatch):
-    """The metric runs in DI-engine's evaluator, which saves ckpt_best and stops at stop_value."""
-    monkeypatch.chdir(tmp_path)
-    images = torch.arange(10).float().view(10, 1)
-    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
-    loader = torch.utils.data.DataLoader(list(zip(images, labels)), batch_size=4)  # batches 4, 4, 2
-
-    class Oracle:  # an eval-mode "policy" that is right on the first 7 samples
-        def forward(self, x):
-            idx = x.view(-1).long()
-            predicted = torch.where(idx < 7, labels[idx], (labels[idx] + 1) % 3)
-            return torch.nn.functional.one_hot(predicted, 3).float() * 4
-
-        def reset(self):
-            pass
-
-    saved = []
-    cfg = EasyDict(dict(eval_freq=1, stop_value=70.0, multi_gpu=False))
-    evaluator = MetricSerialEvaluator(cfg, [loader, ImageClassificationMetric()], Oracle(), exp_name='exp')
-    stop, result = evaluator.eval(saved.append, train_iter=5)
-    assert result['acc1'] == pytest.approx(70.0) and result['samples'] == 10
-    assert saved == ['ckpt_best.pth.tar']
-    assert stop  # 70 >= stop_value 70
 
 
 def _reduce_on_rank(rank, init_file, results):
