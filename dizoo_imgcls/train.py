@@ -267,7 +267,7 @@ class TrainingRun:
                     self.save(step_checkpoint_name(self.learner.train_iter))
                     self.log_hook.restart_clock()
         state.epoch, state.batch = epoch, 0
-        self.policy.learn_mode.set_attribute('epoch', epoch)
+        self.policy.set_epoch(epoch)
         log_skipped_files(data.train_loader.dataset, self.tb, epoch, self.learner.train_iter, self.rank)
 
     def _stop_agreed(self, sync_point: bool = True) -> bool:
@@ -295,7 +295,7 @@ class TrainingRun:
         tta = self.cfg.policy.eval.tta
         # TTA in every evaluation when asked, or when it decides the best checkpoint (metric_key acc1_tta)
         every = tta.every_eval or 'tta' in self.cfg.policy.eval.metric_key.split('_')
-        self.policy.eval_mode.set_attribute('tta_active', last or every)
+        self.policy.set_tta(last or every)
         # The evaluator asks for ckpt_best while it evaluates; it is written once this epoch's result is part of
         # the run's state (best, history), so the file records itself as the best.
         best_requests = []

@@ -356,6 +356,14 @@ class ImageClassificationPolicy(Policy):
         self._epoch = state_dict['epoch']
         self._iteration = state_dict['iteration']
 
+    def set_epoch(self, epochs_done: int) -> None:
+        """The run's epochs completed: the Mixup/CutMix schedule and a frozen backbone's last epoch follow it."""
+        self._epoch = epochs_done
+
+    def set_tta(self, active: bool) -> None:
+        """Whether the next evaluations add the test-time augmentation variants (``policy.eval.tta``)."""
+        self._tta_active = active
+
     def _init_eval(self) -> None:
         self._set_device()
         self._eval_model = self._model
