@@ -16,7 +16,6 @@ Never imports dizoo_imgcls: that package registers its own policy as 'image_clas
 POLICY_REGISTRY, the name the stock policy's config carries.
 """
 import argparse
-import json
 import math
 import os
 import sys
