@@ -86,7 +86,14 @@ def test_model_options_are_checked_against_the_model():
 
     with pytest.raises(ValueError, match="'resnet18' has no option 'blurpool' \\(did you mean blur_pool\\?\\)"):
         create_model('resnet18', 10, blurpool=True)
-    assert create_model('resnet18', 10, blur_pool=True) is not None
+    from dizoo_imgcls.model.tweaks import BlurConv2d
+
+    def blurred_convs(model):
+        return sum(isinstance(m, BlurConv2d) for m in model.modules())
+
+    # layers 2-4: the first block's strided 3x3 conv and its strided 1x1 shortcut each; not the RGB stem
+    assert blurred_convs(create_model('resnet18', 10, blur_pool=True)) == 6
+    assert blurred_convs(create_model('resnet18', 10)) == 0
 
 
 def test_model_section_accepts_model_specific_keys():
