@@ -354,13 +354,12 @@ class CheckpointManager:
 
     def save(self, name: str, state_fn: Callable[[], Dict[str, Any]]) -> str:
         """Write ``state_fn()`` plus the generator states as ``name`` (rank 0); returns the path."""
-        rngs = None
+        rng, rngs = rng_state(), None
         if self.world_size > 1:
             rngs = [None] * self.world_size
-            torch.distributed.all_gather_object(rngs, rng_state())
+            torch.distributed.all_gather_object(rngs, rng)
         path = os.path.join(self.dir, name)
         if self.rank == 0:
-            rng = rng_state()  # before state_fn, which draws nothing either
             atomic_torch_save({**state_fn(), 'rng': rng, 'rng_per_rank': rngs}, path)
             if name != BEST_NAME:
                 prune_checkpoints(self.dir, self.keep_last)

@@ -12,7 +12,6 @@ from .runtime import NullWriter
 # DI-engine's default learner hooks that the run replaces: TrainLoggerHook prints the same numbers as one line
 # (plus img/s), and every checkpoint comes from the run's CheckpointManager (atomic, full state).
 REPLACED_LEARNER_HOOKS = ('log_show_after_iter', 'save_ckpt_after_iter', 'save_ckpt_after_run')
-BEST_CHECKPOINT_REQUEST = 'ckpt_best.pth.tar'  # the name the evaluator passes to its save_ckpt_fn
 
 
 def learner_config(ours: Dict[str, Any]) -> EasyDict:

@@ -6,8 +6,9 @@ from ding.worker import BaseLearner
 from ding.worker.learner.learner_hook import LogReduceHook
 
 from dizoo_imgcls.config import default_config
-from dizoo_imgcls.ding_adapter import (BEST_CHECKPOINT_REQUEST, REPLACED_LEARNER_HOOKS, evaluator_config,
-                                       make_evaluator, make_learner, restore_best)
+from dizoo_imgcls.checkpoint import BEST_NAME
+from dizoo_imgcls.ding_adapter import (REPLACED_LEARNER_HOOKS, evaluator_config, make_evaluator, make_learner,
+                                       restore_best)
 from dizoo_imgcls.metric import ImageClassificationMetric
 from dizoo_imgcls.policy import ImageClassificationPolicy
 from dizoo_imgcls.runtime import NullWriter
@@ -61,6 +62,6 @@ def test_the_evaluator_asks_for_the_best_checkpoint_only_above_a_restored_best(t
     assert result['acc1'] == pytest.approx(70.0) and result['samples'] == 10 and requests == [] and not stop  # None: never stops
     restore_best(evaluator, None)  # a fresh run
     evaluator.eval(requests.append, train_iter=10)
-    assert requests == [BEST_CHECKPOINT_REQUEST]
+    assert requests == [BEST_NAME]  # the name the run writes ckpt_best under
     stop, _ = oracle_evaluator(stop_value=70.0).eval(requests.append, train_iter=5)
     assert stop  # 70 >= stop_value 70
