@@ -51,6 +51,12 @@ TOP_CONFIG = dict(
 OPEN_SECTIONS = ('data.options', 'policy.model', 'policy.learn.learner', 'policy.eval.evaluator')
 
 
+def is_open(dotted: str) -> bool:
+    """Whether keys under ``dotted`` are free-form: an open section or anything inside one
+    (``policy.model.extra.block_args`` is a timm keyword, not a key of ours)."""
+    return any(dotted == s or dotted.startswith(s + '.') for s in OPEN_SECTIONS)
+
+
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key or file."""
 
@@ -103,7 +109,7 @@ def flat_keys(tree: Dict, prefix: str = '') -> List[str]:
     for k, v in tree.items():
         path = f'{prefix}{k}'
         keys.append(path)
-        if isinstance(v, dict) and path not in OPEN_SECTIONS:
+        if isinstance(v, dict) and not is_open(path):
             keys.extend(flat_keys(v, path + '.'))
     return keys
 
@@ -124,7 +130,7 @@ def check_keys(user: Dict, defaults: Dict, where: str, prefix: str = '') -> None
             path = f'{prefix}{k}'
             if k not in default_node:
                 raise _unknown_key_error(path, valid, where)
-            if isinstance(v, dict) and isinstance(default_node[k], dict) and path not in OPEN_SECTIONS:
+            if isinstance(v, dict) and isinstance(default_node[k], dict) and not is_open(path):
                 walk(v, default_node[k], path + '.')
             else:  # a file's batch_size='8' fails here, naming the key, not later in the loader
                 expected = type_mismatch(v, default_node[k], any_number=True)
@@ -207,7 +213,7 @@ def apply_override(cfg: EasyDict, assignment: str) -> None:
         if not isinstance(node, dict) or part not in node:
             raise _unknown_key_error(key, flat_keys(cfg), '--set')
         node = node[part]
-    in_open_section = '.'.join(walked) in OPEN_SECTIONS
+    in_open_section = is_open('.'.join(walked))
     if not isinstance(node, dict) or (parts[-1] not in node and not in_open_section):
         raise _unknown_key_error(key, flat_keys(cfg), '--set')
     section = node.get(parts[-1])
@@ -220,7 +226,7 @@ def apply_override(cfg: EasyDict, assignment: str) -> None:
         if not isinstance(value, dict):
             raise ConfigError(f"--set {key}: '{key}' is a section; set one of its keys, e.g. {key}.<name>=...")
         # A dict updates the section key by key (the keys it leaves out keep their values), checked like a file.
-        if key not in OPEN_SECTIONS:
+        if not is_open(key):
             check_keys(value, section, f'--set {key}', prefix=key + '.')
         value = deep_merge_dicts(section, value)
     elif not in_open_section:

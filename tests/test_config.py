@@ -101,6 +101,20 @@ def test_model_section_accepts_model_specific_keys():
     assert cfg.policy.model.name == 'resnet34' and cfg.policy.model.mean == [0.5, 0.5, 0.5]
 
 
+def test_timm_keywords_under_model_extra_are_free_form_and_reach_the_model():
+    from dizoo_imgcls.model.factory import build_model_from_cfg
+
+    # a whole dict and one dotted keyword: neither is a key of ours, both go to timm.create_model
+    cfg = build_config({}, ["policy.model.name=timm/resnet18d",
+                            "policy.model.extra={'block_args': {'attn_layer': 'se'}}",
+                            'policy.model.extra.drop_rate=0.25'])
+    assert cfg.policy.model.extra == {'block_args': {'attn_layer': 'se'}, 'drop_rate': 0.25}
+    model = build_model_from_cfg(dict(cfg.policy.model, num_classes=10))
+    names = {type(m).__name__ for m in model.modules()}
+    assert 'SEModule' in names
+    assert 0.25 in {getattr(m, 'drop_rate', None) for m in model.modules()}
+
+
 def test_compiled_config_file_round_trips_through_config(tmp_path):
     cfg = build_config({}, ['policy.learn.batch_size=48', 'data.train_crop_scale=[0.3, 1.0]'])
     path = str(tmp_path / 'total_config.py')
