@@ -16,6 +16,7 @@ from typing import Dict, Mapping, Optional, TextIO
 
 from ding.worker.learner.learner_hook import LearnerHook
 
+from .run_state import RunState
 from .summary import cuda_max_allocated_mb, peak_rss_mb
 
 logger = logging.getLogger('dizoo_imgcls')
@@ -92,12 +93,13 @@ class TrainLoggerHook(LearnerHook):
     Timing: ``step_time`` comes from the policy (forward, backward, update); the rest of the wall time
     between two iterations is spent waiting for data, reported as ``data`` and ``train/data_wait_share``.
     ``global_batch_sizes`` (images per step of an epoch over all ranks) makes the image counts exact where the
-    ranks' last batches differ; without it a step counts this rank's batch x ``world_size``.
+    ranks' last batches differ; without it a step counts this rank's batch x ``world_size``. Each step's images
+    and seconds go to the run's clock, ``state`` (a ``RunState``), which checkpoints carry over a resume.
     """
 
     def __init__(self, tb_logger, log_every: int, total_iters: int, iters_per_epoch: int, world_size: int = 1,
                  rank: int = 0, progress_bar: Optional[bool] = None, stream: Optional[TextIO] = None,
-                 global_batch_sizes: Optional[list] = None) -> None:
+                 global_batch_sizes: Optional[list] = None, state: Optional[RunState] = None) -> None:
         super().__init__('dizoo_imgcls_train_logger', priority=15, position='after_iter')
         self._tb = tb_logger
         self._every = max(1, int(log_every))
@@ -113,10 +115,8 @@ class TrainLoggerHook(LearnerHook):
         self._last_end: Optional[float] = None
         self._window, self._epoch = _Stats(), _Stats()
         self._iters_done = 0  # in this process: a resumed run's ETA must not count the iterations before it
-        self.images_seen = 0  # these three count this process; totals() adds the resumed run's
-        self.train_seconds = 0.0
-        self.data_wait_seconds = 0.0
-        self.carried_over: Dict[str, float] = {}
+        self._seconds = 0.0  # of training in this process, for the ETA
+        self.state = RunState() if state is None else state  # the run's clock: every step is counted there
 
     def restart_clock(self) -> None:
         """Call before the first batch of an epoch and after a pause between batches (a checkpoint written), so
@@ -132,9 +132,8 @@ class TrainLoggerHook(LearnerHook):
             images = self._global_batches[engine.last_iter.val % self._per_epoch]
         else:
             images = out['batch_size'] * self._world
-        self.images_seen += images
-        self.train_seconds += wall
-        self.data_wait_seconds += max(wall - out['step_time'], 0.0)
+        self.state.add_training(images, wall, max(wall - out['step_time'], 0.0))
+        self._seconds += wall
         self._iters_done += 1
         self._window.add(out, images, wall)
         self._epoch.add(out, images, wall)
@@ -152,7 +151,7 @@ class TrainLoggerHook(LearnerHook):
             self._epoch = _Stats()
 
     def _eta(self, iteration: int) -> float:
-        return (self._total - iteration) * self.train_seconds / max(self._iters_done, 1)
+        return (self._total - iteration) * self._seconds / max(self._iters_done, 1)
 
     def _epoch_of(self, iteration: int) -> int:
         return (iteration - 1) // self._per_epoch + 1
@@ -217,25 +216,16 @@ class TrainLoggerHook(LearnerHook):
                 self._tb.add_scalar(EVAL_TAGS.get(key, f'eval/{key}'), value, iteration)
         self._tb.flush()
 
-    def totals(self) -> Dict[str, float]:
-        """Images and seconds of training over the whole run: this process plus the ``carried_over`` totals of
-        the run it resumed (as its checkpoint recorded them)."""
-        prior = self.carried_over
-        return {'train_images': prior.get('train_images', 0) + self.images_seen,
-                'train_seconds': prior.get('train_seconds', 0.0) + self.train_seconds,
-                'data_wait_seconds': prior.get('data_wait_seconds', 0.0) + self.data_wait_seconds}
-
     @property
     def img_per_sec(self) -> float:
         """Training images per second over the whole run (resumed parts included)."""
-        t = self.totals()
-        return t['train_images'] / t['train_seconds'] if t['train_seconds'] else 0.0
+        return self.state.img_per_sec
 
     @property
     def data_wait_share(self) -> float:
         """Share of the training wall time spent waiting for data, over the whole run."""
-        t = self.totals()
-        return t['data_wait_seconds'] / t['train_seconds'] if t['train_seconds'] else 0.0
+        return self.state.data_wait_share
+
 
 
 class TrainingDiverged(Exception):

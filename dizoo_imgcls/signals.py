@@ -3,6 +3,9 @@ a point of its choosing, and the data-loader workers that leave a process group'
 import signal
 import threading
 from contextlib import contextmanager
+from typing import Callable
+
+import torch
 
 
 @contextmanager
@@ -34,6 +37,25 @@ class Terminated(Exception):
     def __init__(self, checkpoint: str, iteration: int, rank: int) -> None:
         super().__init__(f'terminated (SIGTERM) at iteration {iteration}; saved {checkpoint}')
         self.checkpoint, self.iteration, self.rank = checkpoint, iteration, rank
+
+
+class StopAgreement:
+    """Whether a SIGTERM (``terminated()``) asks the run to stop here. Alone, at once; under DDP only at sync
+    points, which every rank reaches at the same batch, and then for all ranks together (any rank's SIGTERM stops
+    all, through a tiny all-reduce: one per step would cost speed)."""
+
+    def __init__(self, terminated: Callable[[], bool], world_size: int) -> None:
+        self._terminated, self._world_size = terminated, world_size
+
+    def __call__(self, sync_point: bool = True) -> bool:
+        if self._world_size == 1:
+            return self._terminated()
+        if not sync_point:
+            return False
+        device = 'cuda' if torch.distributed.get_backend() == 'nccl' else 'cpu'
+        flag = torch.tensor([1 if self._terminated() else 0], device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
 
 
 @contextmanager

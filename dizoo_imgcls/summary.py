@@ -2,6 +2,7 @@
 had changes) and a hash of its config."""
 import hashlib
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -12,6 +13,8 @@ from typing import Any, Dict, Optional
 import torch
 
 from .checkpoint import to_plain
+
+logger = logging.getLogger('dizoo_imgcls')
 
 # Distributions whose versions decide what a run computes; reported as installed (None when missing).
 VERSIONED_PACKAGES = ('torch', 'torchvision', 'DI-engine', 'dizoo_imgcls')
@@ -80,6 +83,45 @@ def config_sha256(cfg: Dict[str, Any]) -> str:
 
 def _rounded(value: Optional[float], digits: int = 1) -> Optional[float]:
     return None if value is None else round(value, digits)
+
+
+def run_summary(cfg: Dict[str, Any], state, metrics: Dict[str, Any], exp_dir: str, world_size: int,
+                num_classes: int) -> Dict[str, Any]:
+    """``summary.json`` of a run: the final evaluation's ``metrics``, the best one (``state``, a ``RunState``),
+    the run's clock, resources and provenance."""
+    return {
+        'acc1': metrics.get('acc1'),
+        'acc5': metrics.get('acc5'),
+        'loss': metrics.get('loss'),
+        # Test-time augmentation and the weight average (None when off), on the same final eval pass.
+        'acc1_tta': metrics.get('acc1_tta'),
+        'acc1_ema': metrics.get('acc1_ema'),
+        'acc1_ema_tta': metrics.get('acc1_ema_tta'),
+        # acc1 of the best evaluation by policy.eval.metric_key (ckpt_best's); all its metrics: best_metrics.
+        'best_acc1': state.best['acc1'] if state.best else None,
+        'best_epoch': state.best_epoch,
+        'eval_samples': metrics.get('samples'),
+        'epochs': state.epoch,
+        'wall_seconds': round(state.wall_seconds(), 2),  # resumed runs: all parts, each to its checkpoint
+        'train_images': state.train_images,
+        'train_img_per_sec': round(state.img_per_sec, 2),
+        'world_size': world_size,
+        'num_classes': num_classes,
+        'model': cfg['policy']['model']['name'],
+        'exp_dir': exp_dir,
+        **run_facts(cfg, state.best, state.data_wait_share),
+    }
+
+
+def log_done(summary: Dict[str, Any], best: Optional[Dict[str, Any]], metric_key: str) -> None:
+    """The run's last console lines: its result, its folder, the TensorBoard command."""
+    if summary['acc1'] is not None:
+        by_key = f'{metric_key} {best[metric_key]:.4g}, acc1 ' if metric_key != 'acc1' else ''
+        logger.info(f"done in {summary['wall_seconds']:.0f}s: acc1 {summary['acc1']:.2f} (best: {by_key}"
+                    f"{summary['best_acc1']:.2f} at epoch {summary['best_epoch']}), "
+                    f"{summary['train_img_per_sec']:.1f} train img/s")
+    logger.info(f"experiment folder: {summary['exp_dir']}")
+    logger.info(f'TensorBoard: tensorboard --logdir {os.path.join(summary["exp_dir"], "tb")}')
 
 
 def run_facts(cfg: Dict[str, Any], best: Optional[Dict[str, Any]], train_data_wait_share: float) -> Dict[str, Any]:

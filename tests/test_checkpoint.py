@@ -110,12 +110,20 @@ def test_run_state_round_trip_and_the_best_of_its_evaluations():
     state.record_eval(3, {'acc1': 40.0}, better)
     state.epoch, state.batch = 3, 0
     assert state.best == {'acc1': 50.0} and state.best_epoch == 1 and [h['epoch'] for h in state.history] == [1, 2, 3]
-    saved = {**state.state_dict(), 'clock': {'wall_seconds': 12.5}}
+    state.add_training(images=64, seconds=2.0, data_wait=0.5)
+    state.add_training(images=32, seconds=1.0, data_wait=0.25)
+    assert state.img_per_sec == 32.0 and state.data_wait_share == 0.25
+    saved = state.state_dict()
+    assert {k: v for k, v in saved['clock'].items() if k != 'wall_seconds'} == \
+        {'train_images': 96, 'train_seconds': 3.0, 'data_wait_seconds': 0.75}
+    saved['clock']['wall_seconds'] = 12.5
     assert saved['position'] == {'epoch': 3, 'batch': 0} and saved['best'] == {'metric': {'acc1': 50.0}, 'epoch': 1}
     resumed = RunState()
     resumed.load_state_dict(saved)
     assert (resumed.epoch, resumed.best, resumed.best_epoch, resumed.history) == (3, state.best, 1, state.history)
     assert 12.5 <= resumed.wall_seconds() < 12.5 + 60  # the earlier part's seconds plus this process's
+    resumed.add_training(images=4, seconds=1.0, data_wait=0.0)  # the clock goes on from the checkpoint's totals
+    assert (resumed.train_images, resumed.train_seconds, resumed.data_wait_seconds) == (100, 4.0, 0.75)
     resumed.record_eval(4, {'acc1': 60.0}, better)
     assert resumed.best_epoch == 4 and len(state.history) == 3  # the loaded history is a copy
 
