@@ -180,6 +180,9 @@ def test_second_run_of_a_running_experiment_exits_2_naming_pid_and_host(tmp_path
     first = start_entry(tmp_path, 'exp', *long_run, resume='auto')
     try:
         assert wait_for(lambda: step_checkpoints(str(tmp_path / 'exp' / 'ckpt')), 120, first), first.stderr.read()
+        # Paused, it still holds its lock (as a job the scheduler thinks lost) but no longer takes a core from
+        # the runs below.
+        first.send_signal(signal.SIGSTOP)
         started = time.time()
         second = run_entry(tmp_path, 'exp', *long_run, resume='auto', timeout=120)  # a scheduler's requeue
         assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
@@ -187,7 +190,7 @@ def test_second_run_of_a_running_experiment_exits_2_naming_pid_and_host(tmp_path
         lines = error_lines(second.stderr)
         assert len(lines) == 1 and 'Traceback' not in second.stderr, second.stderr
         assert f'{tmp_path / "exp"} is in use by process {first.pid} on {socket.gethostname()}' in lines[0]
-        assert first.poll() is None  # the first run trains on, alone
+        assert first.poll() is None  # the first run is still there, and its folder its own
         log = (tmp_path / 'exp' / 'train.log').read_text()
         assert log.count('experiment: ') == 1 and len(os.listdir(tmp_path / 'exp' / 'tb')) == 1
         # a new run (no --resume) of the same name gets a folder of its own, as before

@@ -155,7 +155,7 @@ def test_sigkill_at_random_moments_never_loses_or_repeats_an_epoch(tiny_image_fo
     reference = json.loads((tmp_path / 'ref' / 'killed' / 'summary.json').read_text())
     out, ckpt_dir = tmp_path / 'runs', tmp_path / 'runs' / 'killed' / 'ckpt'
     caught_mid_write = False
-    for attempt in range(4):
+    for attempt in range(3):  # one kill while a checkpoint is being written, two at random moments
         proc = _start(tiny_image_folder, out, epochs)
         if attempt == 0:
             caught_mid_write = _kill_during_write(proc, str(ckpt_dir), time.time() + 120)
