@@ -93,3 +93,23 @@ def test_global_batch_sizes_are_what_the_ranks_load_together(num_samples, replic
     expected = [sum(step) for step in zip(*loaded)]
     assert all(s.global_batch_sizes() == expected for s in samplers)
     assert sum(expected) == num_samples
+
+
+def test_shutdown_workers_stops_persistent_workers_now():
+    """``shutdown_workers`` relies on the DataLoader iterator's ``_shutdown_workers`` (a torch internal, used in
+    this one place): if a torch release renames it, the workers would stay up until exit and this fails."""
+    import multiprocessing
+
+    from torch.utils.data import DataLoader
+
+    from dizoo_imgcls.data import shutdown_workers
+
+    before = set(multiprocessing.active_children())
+    loader = DataLoader(list(range(8)), batch_size=4, num_workers=1, persistent_workers=True)
+    assert [batch.tolist() for batch in loader] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    workers = set(multiprocessing.active_children()) - before
+    assert len(workers) == 1 and all(w.is_alive() for w in workers)  # persistent: still up after the epoch
+    shutdown_workers(loader)
+    assert not any(w.is_alive() for w in workers) and loader._iterator is None
+    assert [batch.tolist() for batch in loader] == [[0, 1, 2, 3], [4, 5, 6, 7]]  # a new iterator starts new ones
+    shutdown_workers(loader)
