@@ -189,8 +189,24 @@ def test_policy_eval_gives_tta_and_ema_variants_and_ema_is_checkpointed():
 def test_policy_trains_on_mixed_batches():
     torch.manual_seed(0)
     policy = make_policy(mix=dict(mixup_alpha=0.2, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5, stop_epoch=None))
-    out = policy.learn_mode.forward(fixed_batch())
-    assert math.isfinite(out['loss']) and 0 <= out['acc1'] <= 100
+    mixer, mixed, seen = policy._mixer, [], []
+
+    def recording_mixer(images, target, epoch):
+        mixed.append(mixer(images, target, epoch))
+        return mixed[-1]
+
+    policy._mixer = recording_mixer
+    policy._model.register_forward_hook(lambda module, inputs, logits: seen.append((inputs[0], logits.detach())))
+    batch = fixed_batch()
+    out = policy.learn_mode.forward(batch)
+    (images, target), = mixed
+    (model_input, logits), = seen
+    assert torch.equal(model_input, images) and not torch.equal(images, batch[0].float())  # the model saw the mix
+    assert target.shape == (8, 4) and torch.allclose(target.sum(dim=1), torch.ones(8))
+    assert (target > 0).sum(dim=1).max() == 2  # each row: its own class and its partner's
+    # the loss and accuracy of the step are those of the logits against the soft targets, by hand
+    assert out['loss'] == pytest.approx(-(target * F.log_softmax(logits, dim=1)).sum(dim=1).mean().item(), rel=1e-5)
+    assert out['acc1'] == pytest.approx(100.0 * (logits.argmax(1) == target.argmax(1)).float().mean().item())
 
 
 def test_resnet_d_and_blur_pool_structure():
@@ -297,10 +313,39 @@ def test_a_variant_metric_key_needs_its_variant_and_bad_settings_fail_before_tra
     check_run_settings(cfg)
 
 
+def val_probabilities(path, weights, scale_px):
+    """Softmax of a checkpoint's model (or EMA) on its run's val images, as the run evaluates them (one batch,
+    channels_last, its autocast): ``{'': plain, '_tta': mean over image, mirror, rescaled copy, 'labels': ...}``."""
+    from dizoo_imgcls.data import build_datasets
+    from dizoo_imgcls.policy.image_classification import resolve_amp_dtype
+    from dizoo_imgcls.predict import load_model_from_checkpoint
+
+    model, config, _ = load_model_from_checkpoint(path, weights)
+    model = model.to(memory_format=torch.channels_last)
+    _, val_set = build_datasets(config['data'])
+    images = torch.stack([val_set[i][0] for i in range(len(val_set))]).contiguous(memory_format=torch.channels_last)
+    views = [images, images.flip(-1), F.interpolate(images.float(), size=(scale_px, scale_px), mode='bilinear',
+                                                    align_corners=False).contiguous(memory_format=torch.channels_last)]
+    amp = resolve_amp_dtype(config['policy']['learn']['amp'], 'cpu')
+    with torch.no_grad(), torch.autocast('cpu', dtype=amp or torch.bfloat16, enabled=amp is not None):
+        probs = [torch.softmax(model(view).float(), dim=1) for view in views]
+    return {'': probs[0], '_tta': torch.stack(probs).mean(dim=0),
+            'labels': torch.tensor([val_set[i][1] for i in range(len(val_set))])}
+
+
+def accuracy_bounds(probs, labels, tie=1e-4):
+    """Top-1 accuracy in %, counting an image whose two highest probabilities are within ``tie`` as either right or
+    wrong (another order of the same float operations may break such a tie the other way): ``(low, high)``."""
+    top = probs.topk(2, dim=1)
+    right, unsure = top.indices[:, 0] == labels, top.values[:, 0] - top.values[:, 1] < tie
+    return 100.0 * (right & ~unsure).sum().item() / len(labels), 100.0 * (right | unsure).sum().item() / len(labels)
+
+
 @pytest.mark.slow  # > ~10 s on 2 cores
 def test_short_run_with_every_technique_enabled(tiny_image_folder, tmp_path):
-    """Everything at once through the entry: timm's ResNet-D with its anti-aliasing (BlurPool), RandAugment, progressive resizing, a larger
-    test resolution, Mixup/CutMix, label smoothing, EMA, flip + multi-scale TTA deciding the best checkpoint."""
+    """Everything at once through the entry: timm's ResNet-D with its anti-aliasing (BlurPool), RandAugment,
+    progressive resizing, a larger test resolution, Mixup/CutMix, label smoothing, EMA, flip + multi-scale TTA
+    deciding the best checkpoint."""
     from test_entry import run_tiny
 
     everything = ['policy.model.name=timm/resnet18d', 'policy.model.blur_pool=True', 'data.auto_augment=randaugment',
@@ -311,11 +356,24 @@ def test_short_run_with_every_technique_enabled(tiny_image_folder, tmp_path):
                   'policy.eval.tta.scales=[1.25]', 'policy.eval.metric_key=acc1_ema_tta']
     result = run_tiny(tiny_image_folder, str(tmp_path), 'all', *[a for s in everything for a in ('--set', s)])
     summary = json.loads((tmp_path / 'all' / 'summary.json').read_text())
-    for key in ('acc1', 'acc1_tta', 'acc1_ema', 'acc1_ema_tta'):
-        assert 0 <= summary[key] <= 100, (key, summary)
     assert summary['eval_samples'] == 15 and summary['model'] == 'timm/resnet18d'
     assert 'acc1_ema_tta' in result.stdout
     last, = (tmp_path / 'all' / 'ckpt').glob('epoch_2_iter_*.pth.tar')
+    # The final evaluation (the summary's) is that of the last weights and of their EMA on the 15 val images at
+    # 40 px, each without and with TTA (mean softmax over the image, its mirror and a 1.25x = 48 px copy): its
+    # losses and accuracies, computed here.
+    final = torch.load(last, weights_only=True)['history'][-1]
+    for variant in ('', '_tta', '_ema', '_ema_tta'):
+        assert summary['acc1' + variant] == final['acc1' + variant]
+    for weights, prefix in (('model', ''), ('ema', '_ema')):
+        probabilities = val_probabilities(str(last), weights, scale_px=48)
+        labels = probabilities.pop('labels')
+        for tta, probs in probabilities.items():
+            variant = prefix + tta
+            loss = -probs[torch.arange(len(labels)), labels].log().mean().item()
+            assert final['loss' + variant] == pytest.approx(loss, rel=1e-4), variant
+            low, high = accuracy_bounds(probs, labels)
+            assert low <= final['acc1' + variant] <= high, (variant, low, high, final)
     state = torch.load(last, weights_only=True)
     assert int(state['policy']['ema']['n_averaged']) == state['last_iter']  # one EMA update per step
     assert len(state['history']) == 2  # the EMA + TTA metric decided the best checkpoint, TTA in every eval
