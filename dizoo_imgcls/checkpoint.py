@@ -24,19 +24,23 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
+from .errors import UserError
+
 CHECKPOINT_FORMAT = 'dizoo_imgcls/1'
 BEST_NAME = 'ckpt_best.pth.tar'
 logger = logging.getLogger('dizoo_imgcls')
 _STEP_NAME = re.compile(r'^(?:epoch_\d+_)?iter_(\d+)\.pth\.tar$')
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint cannot be read or is not ours; the message names the file."""
 
 
-class DiskWriteError(Exception):
+class DiskWriteError(UserError):
     """Writing one of the run's files failed for a reason outside the program (a full disk, a quota, a read-only
     or vanished file system); the message names the file, the reason and the free space left."""
+
+    exit_code = 74  # EX_IOERR of sysexits.h
 
     def __init__(self, path: str, error: OSError) -> None:
         super().__init__(f'cannot write {path}: {error.strerror or error} ({free_space(path)} free there)')

@@ -15,6 +15,7 @@ from easydict import EasyDict
 from .checkpoint import CheckpointError
 from .data import DATA_CONFIG
 from .ding_adapter import evaluator_config, learner_config
+from .errors import SettingError
 from .model import check_model_options, model_options
 from .policy import ImageClassificationPolicy
 from .runtime import check_exp_name
@@ -57,7 +58,7 @@ def is_open(dotted: str) -> bool:
     return any(dotted == s or dotted.startswith(s + '.') for s in OPEN_SECTIONS)
 
 
-class ConfigError(ValueError):
+class ConfigError(SettingError):
     """A config file or override is invalid; the message names the key or file."""
 
 
@@ -245,6 +246,7 @@ def build_config(user_config: Dict, overrides: Iterable[str] = (), source: str =
     return EasyDict(cfg)
 
 
+
 # Largest image side (px) any size key may ask for: 2048 covers every classification recipe (EfficientNet-B7
 # evaluates at 600 px, FixRes at 480). One 2048 px RGB image is already 12.6 MB as uint8 and 50 MB as float32
 # before any activation; a typo such as 100000 would try to allocate 30 GB for a single image.
@@ -310,31 +312,31 @@ def check_run_settings(cfg: EasyDict) -> None:
     the model's options and the checkpoint to resume from."""
     for name, types in (('exp_name', str), ('output_dir', (str, os.PathLike))):
         if not isinstance(cfg[name], types) or not str(cfg[name]):
-            raise ValueError(f'{name} must be a non-empty string, got {cfg[name]!r} (quote it: --set {name}="...")')
+            raise SettingError(f'{name} must be a non-empty string, got {cfg[name]!r} (quote it: --set {name}="...")')
     check_exp_name(cfg)
     spike = cfg.get('loss_spike_factor', 0)
     if isinstance(spike, bool) or not isinstance(spike, (int, float)) or not (spike == 0 or spike > 1):
-        raise ValueError(f'loss_spike_factor must be 0 (off) or a number above 1, got {spike!r}')
+        raise SettingError(f'loss_spike_factor must be 0 (off) or a number above 1, got {spike!r}')
     epochs = cfg.policy.learn.train_epoch
     if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
-        raise ValueError(f'policy.learn.train_epoch must be a positive number of epochs, got {epochs!r}')
+        raise SettingError(f'policy.learn.train_epoch must be a positive number of epochs, got {epochs!r}')
     if not isinstance(cfg.eval_every, int) or cfg.eval_every < 1:
-        raise ValueError(f'eval_every must be a positive number of epochs, got {cfg.eval_every!r}')
+        raise SettingError(f'eval_every must be a positive number of epochs, got {cfg.eval_every!r}')
     key, ev = cfg.policy.eval.metric_key, cfg.policy.eval
     base, _, variant = str(key).partition('_')
     if base not in METRIC_BASES or variant not in METRIC_VARIANTS:
-        raise ValueError(f"policy.eval.metric_key must be one of {', '.join(METRIC_BASES)}, optionally with the "
-                         f"suffix _tta, _ema or _ema_tta (e.g. acc1_tta), got {key!r}")
+        raise SettingError(f"policy.eval.metric_key must be one of {', '.join(METRIC_BASES)}, optionally with the "
+                           f"suffix _tta, _ema or _ema_tta (e.g. acc1_tta), got {key!r}")
     if 'ema' in key.split('_') and not cfg.policy.learn.ema.enabled:
-        raise ValueError(f"policy.eval.metric_key='{key}' needs policy.learn.ema.enabled=True")
+        raise SettingError(f"policy.eval.metric_key='{key}' needs policy.learn.ema.enabled=True")
     if 'tta' in key.split('_') and not (ev.tta.flip or ev.tta.scales):
-        raise ValueError(f"policy.eval.metric_key='{key}' needs test-time augmentation: set policy.eval.tta.flip=True "
-                         'or policy.eval.tta.scales')
+        raise SettingError(f"policy.eval.metric_key='{key}' needs test-time augmentation: set "
+                           'policy.eval.tta.flip=True or policy.eval.tta.scales')
     try:  # the model's name and options, checked before any folder is made
         check_model_options(cfg.policy.model.name, model_options(cfg.policy.model),
                             config_keys=('name', 'num_classes', 'pretrained'))
     except KeyError as e:
-        raise ValueError(f'policy.model.name: {e.args[0]}') from None
+        raise SettingError(f'policy.model.name: {e.args[0]}') from None
     if cfg.resume and cfg.resume != 'auto' and not os.path.isfile(cfg.resume):
         raise CheckpointError(f'checkpoint not found: {cfg.resume}')
 
@@ -344,13 +346,13 @@ def prepare_config(cfg: EasyDict, data) -> None:
     samples that are not images (before any folder is made)."""
     tta = cfg.policy.eval.tta
     if not data.images and (tta.flip or tta.scales):
-        raise ValueError(f"policy.eval.tta needs images; data.type='{cfg.data.type}' gives other samples: leave "
-                         'policy.eval.tta.flip and policy.eval.tta.scales off')
+        raise SettingError(f"policy.eval.tta needs images; data.type='{cfg.data.type}' gives other samples: leave "
+                           'policy.eval.tta.flip and policy.eval.tta.scales off')
     if cfg.policy.model.num_classes is None:
         cfg.policy.model.num_classes = data.num_classes
     elif cfg.policy.model.num_classes < data.num_classes:
-        raise ValueError(f'policy.model.num_classes={cfg.policy.model.num_classes} but the training folder '
-                         f'has {data.num_classes} classes')
+        raise SettingError(f'policy.model.num_classes={cfg.policy.model.num_classes} but the training folder '
+                           f'has {data.num_classes} classes')
     cfg.policy.learn.iters_per_epoch = len(data.train_loader)
 
 

@@ -11,6 +11,7 @@ from easydict import EasyDict
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import ConfigError, apply_override, build_config, check_image_sizes
 from .data import build_eval_data, shutdown_workers
+from .errors import SettingError
 from .metric import DiagnosticMetric
 from .policy import ImageClassificationPolicy
 from .predict import require_key, rebuild_checkpoint_model
@@ -93,7 +94,7 @@ def evaluate_checkpoint(path: str, data_root: str, overrides: Iterable[str] = ()
     try:
         data = build_eval_data(cfg.data, require_key(state, 'class_names', path), cfg.policy.eval.batch_size, rank,
                                world_size)
-    except ValueError as e:  # the classes differ
+    except SettingError as e:  # the classes differ
         raise CheckpointError(f'{path}: {e}') from None
     cfg.policy.learn.iters_per_epoch = 1
     policy = ImageClassificationPolicy(cfg.policy, model=model, enable_field=['eval'])

@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from .data.folder import same_file
 from .data.transforms import eval_image_size, eval_resize_size
+from .errors import SettingError, UserError
 from .model import InputNormalize
 
 EXPORT_FORMATS = ('torchscript', 'onnx')
@@ -25,8 +26,15 @@ MAX_ABS_DIFF = 1e-4  # on logits, exported vs PyTorch fp32 eval mode
 SIDECAR_VERSION = 'dizoo_imgcls.export/1'
 
 
-class OverwritesInputError(ValueError):
+class OverwritesInputError(UserError, ValueError):
     """The export would be written over the file it is made from."""
+
+
+class ExportError(UserError, ValueError):
+    """The export cannot be written, or what was written does not reproduce the model; nothing replaced --output.
+    Exit status 1, not 2: the checkpoint and the options were accepted, the export itself failed."""
+
+    exit_code = 1
 
 
 def refuse_overwriting_input(output: str, checkpoint: str) -> None:
@@ -91,7 +99,7 @@ def verify_export(model: nn.Module, fmt: str, path: str, images: torch.Tensor) -
         expected = model(images)
     actual = run_exported(fmt, path, images)
     if actual.shape != expected.shape:
-        raise ValueError(f'{path} returned logits of shape {tuple(actual.shape)}, expected {tuple(expected.shape)}')
+        raise ExportError(f'{path} returned logits of shape {tuple(actual.shape)}, expected {tuple(expected.shape)}')
     return (actual - expected).abs().max().item()
 
 
@@ -141,35 +149,35 @@ def export_model(model: nn.Module, config: Dict[str, Any], class_names: List[str
 
     The model is written to a temporary file beside ``path`` and takes its name only once verified, so a
     failed export leaves an earlier good one (and its sidecar) as it was. An export whose logits differ from
-    PyTorch by ``MAX_ABS_DIFF`` or more raises ``ValueError``, and so does an exporter failure: a file that
+    PyTorch by ``MAX_ABS_DIFF`` or more raises ``ExportError``, and so does an exporter failure: a file that
     does not reproduce the model must not be deployed."""
     if fmt not in EXPORT_FORMATS:
-        raise ValueError(f"export format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
+        raise SettingError(f"export format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
     if input_dtype not in INPUT_DTYPES:
-        raise ValueError(f"input dtype must be one of {', '.join(INPUT_DTYPES)}, got {input_dtype!r}")
+        raise SettingError(f"input dtype must be one of {', '.join(INPUT_DTYPES)}, got {input_dtype!r}")
     if fmt == 'onnx':
         require_onnx_tools()
     if os.path.isdir(path):
-        raise ValueError(f'--output {path} is a folder; give the file to write, e.g. {os.path.join(path, "model")}'
-                         f'{".onnx" if fmt == "onnx" else ".pt"}')
+        raise ExportError(f'--output {path} is a folder; give the file to write, e.g. {os.path.join(path, "model")}'
+                          f'{".onnx" if fmt == "onnx" else ".pt"}')
     model = model.float().eval().cpu()
     size, dtype = eval_image_size(config['data']), INPUT_DTYPES[input_dtype]
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     except OSError as e:  # a parent that is a file, no permission
-        raise ValueError(f'cannot create the folder of --output {path}: {e.strerror or e}') from None
+        raise ExportError(f'cannot create the folder of --output {path}: {e.strerror or e}') from None
     exporter = export_torchscript if fmt == 'torchscript' else export_onnx
     tmp = f'{path}.tmp{os.getpid()}'
     try:
         try:
             exporter(model, sample_batch(TRACE_BATCH, size, dtype, seed=0), tmp)
         except Exception as e:  # torch.jit / torch.onnx raise many types; the message is what a user can act on
-            raise ValueError(f'{fmt} export of {config["policy"]["model"]["name"]} failed: '
-                             f'{type(e).__name__}: {e}') from e
+            raise ExportError(f'{fmt} export of {config["policy"]["model"]["name"]} failed: '
+                              f'{type(e).__name__}: {e}') from e
         diff = verify_export(model, fmt, tmp, sample_batch(VERIFY_BATCH, size, dtype, seed=1))
         if not diff < MAX_ABS_DIFF:  # also catches NaN
-            raise ValueError(f'{fmt} export differs from PyTorch by {diff:.3g} (max abs logit difference, limit '
-                             f'{MAX_ABS_DIFF:g}); nothing was written to {path}')
+            raise ExportError(f'{fmt} export differs from PyTorch by {diff:.3g} (max abs logit difference, limit '
+                              f'{MAX_ABS_DIFF:g}); nothing was written to {path}')
         meta = sidecar_metadata(model, config, class_names, fmt, path, input_dtype, diff)
         with open(tmp + '.json', 'w') as f:
             json.dump(meta, f, indent=2)

@@ -20,6 +20,7 @@ from easydict import EasyDict
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from .data import DataLayoutError, class_index, find_display_names
 from .data.folder import check_split_classes, scan_split
+from .errors import SettingError
 from .predict import EvalReader, load_model_from_checkpoint, predict_files
 from .runtime import setup_logging
 
@@ -66,8 +67,8 @@ def stratified_folds(labels: np.ndarray, folds: int, seed: int = 0) -> np.ndarra
     """Fold number (0..folds-1) of every sample: each class is shuffled and dealt out in turn, so every fold
     holds about 1/folds of every class."""
     if folds < 2:
-        raise ValueError(f'--folds must be at least 2 (each image needs a model that did not train on it), '
-                         f'got {folds}')
+        raise SettingError(f'--folds must be at least 2 (each image needs a model that did not train on it), '
+                           f'got {folds}')
     rng = np.random.default_rng(seed)
     fold_of = np.empty(len(labels), dtype=np.int64)
     for cls in np.unique(labels):
@@ -127,11 +128,11 @@ def cross_validated_probabilities(cfg: EasyDict, files: LabelledFiles, folds: in
     check_run_settings(cfg)  # a bad setting fails now, not after the first fold has trained
     classes = len(files.class_names)
     if cfg.policy.model.num_classes not in (None, classes):
-        raise ValueError(f'policy.model.num_classes={cfg.policy.model.num_classes}, but label issues need one output '
-                         f'per class of the folder ({classes}); leave it unset')
+        raise SettingError(f'policy.model.num_classes={cfg.policy.model.num_classes}, but label issues need one output '
+                           f'per class of the folder ({classes}); leave it unset')
     if folds > len(files.paths):
-        raise ValueError(f'--folds {folds} is more than the {len(files.paths)} images of {files.root}: some folds '
-                         'would predict nothing')
+        raise SettingError(f'--folds {folds} is more than the {len(files.paths)} images of {files.root}: some folds '
+                           'would predict nothing')
     fold_of = stratified_folds(files.labels, folds, cfg.seed)
     probs = np.zeros((len(files.paths), len(files.class_names)), dtype=np.float64)
     readable = np.zeros(len(files.paths), dtype=bool)

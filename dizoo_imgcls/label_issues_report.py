@@ -11,6 +11,7 @@ from PIL import Image
 
 from .data import load_rgb
 from .data.folder import is_within, same_file
+from .errors import SettingError
 from .label_issues import LabelIssue
 from .tb_visuals import image_grid
 
@@ -29,13 +30,13 @@ def check_outputs(out_dir: str, data_root: str, split: str, checkpoint: Optional
     for name in dict.fromkeys((split, 'train', 'val')):
         data_dir = os.path.join(data_root, name)
         if os.path.isdir(data_dir) and is_within(out_dir, data_dir):
-            raise ValueError(f'--out-dir {out_dir} lies inside the data folder {data_dir}: the reports and fold runs '
-                             'would become a class folder of it; choose a folder outside it')
+            raise SettingError(f'--out-dir {out_dir} lies inside the data folder {data_dir}: the reports and fold runs '
+                               'would become a class folder of it; choose a folder outside it')
     if checkpoint is not None:
         for name in (CSV_NAME, HTML_NAME):
             if same_file(os.path.join(out_dir, name), checkpoint):
-                raise ValueError(f'--out-dir {out_dir} would write {name} over the checkpoint {checkpoint}; choose '
-                                 'another --out-dir')
+                raise SettingError(f'--out-dir {out_dir} would write {name} over the checkpoint {checkpoint}; choose '
+                                   'another --out-dir')
 
 
 def write_csv(path: str, issues: Sequence[LabelIssue]) -> None:

@@ -20,6 +20,7 @@ from tensorboardX import SummaryWriter
 
 from .config import save_config_file
 from .data import build_loaders
+from .errors import SettingError
 from .policy import ImageClassificationPolicy
 from .runtime import experiment_dir, set_deterministic, setup_logging, write_json
 from .config import prepare_config
@@ -50,11 +51,11 @@ class Suggestion(NamedTuple):
 
 def check_sweep(start: float, end: float, steps: int) -> None:
     if not (math.isfinite(start) and start > 0):
-        raise ValueError(f'--lr-find-start must be a positive number, got {start}')
+        raise SettingError(f'--lr-find-start must be a positive number, got {start}')
     if not (math.isfinite(end) and end > start):
-        raise ValueError(f'--lr-find-end must be a finite number above --lr-find-start ({start}), got {end}')
+        raise SettingError(f'--lr-find-end must be a finite number above --lr-find-start ({start}), got {end}')
     if steps < 2:
-        raise ValueError(f'--lr-find-steps must be at least 2, got {steps}')
+        raise SettingError(f'--lr-find-steps must be at least 2, got {steps}')
 
 
 def exp_lrs(start: float, end: float, steps: int) -> List[float]:
@@ -150,10 +151,11 @@ def find_lr(cfg: EasyDict, start: float = DEFAULT_START_LR, end: float = DEFAULT
     check_sweep(start, end, steps)
     world_size = int(os.environ.get('WORLD_SIZE', '1'))
     if world_size > 1:
-        raise ValueError(f'--lr-find runs in one process: start it with python, not torchrun (WORLD_SIZE={world_size})')
+        raise SettingError(f'--lr-find runs in one process: start it with python, not torchrun '
+                           f'(WORLD_SIZE={world_size})')
     if cfg.resume:
-        raise ValueError(f'--lr-find starts from a fresh model and cannot resume ({cfg.resume}); to sweep from '
-                         f'trained weights set policy.model.pretrained=CHECKPOINT')
+        raise SettingError(f'--lr-find starts from a fresh model and cannot resume ({cfg.resume}); to sweep from '
+                           f'trained weights set policy.model.pretrained=CHECKPOINT')
     cfg = copy.deepcopy(cfg)
     set_deterministic(cfg.deterministic, cfg.policy.learn.cudnn_benchmark)
     set_pkg_seed(cfg.seed, use_cuda=cfg.policy.cuda and torch.cuda.is_available())

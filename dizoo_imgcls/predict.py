@@ -21,6 +21,7 @@ from .data.decode import UnreadableImageError, read_image_file, resolve_decoder
 from .data.folder import DataLayoutError, list_image_files
 from .data.loader import collate_images
 from .data.transforms import EvalPreset, eval_image_size
+from .errors import SettingError
 from .model import InputNormalize, build_model_from_cfg
 
 
@@ -238,7 +239,7 @@ def write_predictions(predictions: Iterable[Prediction], fmt: str, out: TextIO, 
     """Stream predictions to ``out`` as they come (json: one array, one image per line) and one
     ``skipped PATH: reason`` line per bad file to ``err``; returns ``(predicted, skipped)`` counts."""
     if fmt not in OUTPUT_FORMATS:
-        raise ValueError(f"output format must be one of {', '.join(OUTPUT_FORMATS)}, got {fmt!r}")
+        raise SettingError(f"output format must be one of {', '.join(OUTPUT_FORMATS)}, got {fmt!r}")
     writer = csv.writer(out, lineterminator='\n')
     if fmt == 'csv':
         writer.writerow(CSV_HEADER)

@@ -22,12 +22,13 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from .data.decode import is_hidden
-from .data.folder import DataLayoutError, entry_kind, is_image_file
+from .data.folder import entry_kind, is_image_file
 from .data.layouts import (DEVKIT_LABELS, DEVKIT_META, KAGGLE_LABELS, SYNSET_WORD_FILES, LabelFileError,
                            find_devkit_data, find_file, read_devkit_labels, read_devkit_synsets, read_kaggle_labels,
                            search_folders)
 from .data.loader import default_num_workers
-from .data.resized_copy import ResizedCopyError, write_resized_copy
+from .data.resized_copy import write_resized_copy
+from .errors import report_user_errors
 
 EXAMPLES_SHOWN = 5
 
@@ -221,12 +222,17 @@ def resize_folder(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    return report_user_errors(run, parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """The command; a ``UserError`` it raises (label files, the copy's folder, the data layout) is reported by
+    ``main`` as one line."""
     try:
         if args.dataset == 'resize':
             return resize_folder(args)
         prepare_imagenet(args.root, args.dry_run, args.move, args.labels, args.devkit)
-    except (LabelFileError, ResizedCopyError, DataLayoutError, OSError) as e:
+    except OSError as e:  # a folder that cannot be read or written
         print(f'error: {e}', file=sys.stderr)
         return 2
     return 0

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from easydict import EasyDict
 
 from .checkpoint import BEST_NAME, DiskWriteError, atomic_write, free_space, pid_alive, step_checkpoints
+from .errors import SettingError, UserError
 
 logger = logging.getLogger('dizoo_imgcls')
 # A later run of an experiment whose folder is taken writes to <exp_name>_<RUN_STAMP>[_N] (experiment_dir);
@@ -215,7 +216,7 @@ _HELD: Optional[Tuple[str, Any, bool]] = None
 LOCK_NAME = '.lock'  # in the experiment folder: "PID HOST START", flock-ed by the run writing there
 
 
-class ExperimentInUse(ValueError):
+class ExperimentInUse(UserError, ValueError):
     """Another live process holds the experiment folder's lock."""
 
 
@@ -264,14 +265,14 @@ def check_exp_name(cfg: EasyDict) -> None:
     out = os.path.abspath(str(cfg.output_dir))
     path = os.path.abspath(os.path.join(out, str(cfg.exp_name)))
     if os.path.isabs(str(cfg.exp_name)) or path == out or os.path.commonpath([out, path]) != out:
-        raise ValueError(f'exp_name must name a folder inside output_dir ({out}), got {cfg.exp_name!r}: it would '
-                         f'write to {path}; use a plain name such as my_run (or a/b for a sub-folder)')
+        raise SettingError(f'exp_name must name a folder inside output_dir ({out}), got {cfg.exp_name!r}: it would '
+                           f'write to {path}; use a plain name such as my_run (or a/b for a sub-folder)')
 
 
-def _folder_error(cfg: EasyDict, path: str, e: OSError) -> ValueError:
+def _folder_error(cfg: EasyDict, path: str, e: OSError) -> SettingError:
     # output_dir is a file, or a folder this user cannot write
-    return ValueError(f'cannot create the experiment folder {path} (output_dir={cfg.output_dir!r}, '
-                      f'exp_name={cfg.exp_name!r}): {e.strerror or e}')
+    return SettingError(f'cannot create the experiment folder {path} (output_dir={cfg.output_dir!r}, '
+                        f'exp_name={cfg.exp_name!r}): {e.strerror or e}')
 
 
 def _claim_experiment_dir(cfg: EasyDict) -> str:

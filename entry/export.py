@@ -39,24 +39,24 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from dizoo_imgcls.checkpoint import CheckpointError
-    from dizoo_imgcls.export import (TRACE_BATCH, VERIFY_BATCH, OverwritesInputError, export_model,
-                                     refuse_overwriting_input)
+    from dizoo_imgcls.errors import report_user_errors
+    return report_user_errors(run, args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The command; a ``UserError`` it raises is reported by ``main`` as one line (``ExportError``: exit 1)."""
+    from dizoo_imgcls.export import TRACE_BATCH, VERIFY_BATCH, export_model, refuse_overwriting_input
     from dizoo_imgcls.predict import load_model_from_checkpoint
 
-    try:
-        refuse_overwriting_input(args.output, args.checkpoint)
-        model, config, class_names = load_model_from_checkpoint(args.checkpoint, args.weights)
-    except (CheckpointError, OverwritesInputError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+    refuse_overwriting_input(args.output, args.checkpoint)
+    model, config, class_names = load_model_from_checkpoint(args.checkpoint, args.weights)
     try:
         meta = export_model(model, config, class_names, args.format, args.output, args.input_dtype)
     except ImportError as e:
         print(f'error: {args.format} export needs a package that is not installed ({e}); '
               f'pip install onnx onnxscript onnxruntime', file=sys.stderr)
         return 1
-    except (ValueError, OSError) as e:  # OSError: the file cannot be written (disk full, no permission)
+    except OSError as e:  # the file cannot be written (disk full, no permission)
         print(f'error: {e}', file=sys.stderr)
         return 1
     diff = meta['verification']['max_abs_diff_vs_pytorch_fp32']

@@ -52,18 +52,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from dizoo_imgcls.checkpoint import CheckpointError
-    from dizoo_imgcls.config import ConfigError, build_config, load_config_file
-    from dizoo_imgcls.data import DataLayoutError
+    from dizoo_imgcls.errors import report_user_errors
+    return report_user_errors(run, args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The command; a ``UserError`` it raises (config, data folder, checkpoint) is reported by ``main`` as one
+    line."""
+    from dizoo_imgcls.config import build_config, load_config_file
     from dizoo_imgcls.label_issues import label_issues
     from dizoo_imgcls.label_issues_report import check_outputs, write_reports
     from dizoo_imgcls.runtime import setup_logging
 
-    try:
-        cfg = build_config(load_config_file(args.config), args.overrides, args.config)
-    except ConfigError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+    cfg = build_config(load_config_file(args.config), args.overrides, args.config)
     if cfg.data.type != 'image_folder':
         print(f"error: label issues need image folders (data.type 'image_folder'), the config {args.config} "
               f"sets data.type '{cfg.data.type}'", file=sys.stderr)
@@ -73,12 +74,8 @@ def main(argv=None) -> int:
         cfg.seed = args.seed
     out_dir = os.path.abspath(args.out_dir or os.path.join(cfg.output_dir, 'label_issues'))
     setup_logging(None)
-    try:
-        check_outputs(out_dir, args.data_root, args.split, args.checkpoint)
-        issues = label_issues(cfg, out_dir, args.split, args.folds, args.checkpoint)
-    except (DataLayoutError, CheckpointError, ValueError) as e:  # ValueError includes ConfigError
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+    check_outputs(out_dir, args.data_root, args.split, args.checkpoint)
+    issues = label_issues(cfg, out_dir, args.split, args.folds, args.checkpoint)
     source = os.path.join(args.data_root, args.split)
     csv_path, html_path, tb_dir = write_reports(out_dir, issues, args.top, source)
     flagged = sum(issue.flagged for issue in issues)

@@ -50,10 +50,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def compile_cfg(args: argparse.Namespace):
     from dizoo_imgcls.config import build_config, load_config_file
     from dizoo_imgcls.demo import DEMO_CONFIG, prepare_digits
+    from dizoo_imgcls.errors import SettingError
 
     if args.demo:
         if args.config:
-            raise SystemExit('error: --demo and --config exclude each other')
+            raise SettingError('--demo and --config exclude each other')
         user, source = dict(DEMO_CONFIG), '--demo config'
     else:
         source = args.config or DEFAULT_CONFIG
@@ -72,13 +73,18 @@ def compile_cfg(args: argparse.Namespace):
     return cfg
 
 
-EXIT_DIVERGED, EXIT_WRITE_FAILED, EXIT_SIGTERM = 3, 74, 143  # 74: EX_IOERR of sysexits.h
+EXIT_DIVERGED, EXIT_SIGTERM = 3, 143
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from dizoo_imgcls.checkpoint import CheckpointError, DiskWriteError
-    from dizoo_imgcls.config import ConfigError
+    from dizoo_imgcls.errors import report_user_errors
+    return report_user_errors(run, args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The command; a ``UserError`` it raises is reported by ``main`` as one line."""
+    from dizoo_imgcls.checkpoint import DiskWriteError
     from dizoo_imgcls.data import EXPECTED_LAYOUT, DataLayoutError
     from dizoo_imgcls.hooks import TrainingDiverged
     from dizoo_imgcls.lr_find import find_lr
@@ -95,11 +101,7 @@ def main(argv=None) -> int:
         return 2
     if args.eval_only:
         return eval_only(args)
-    try:
-        cfg = compile_cfg(args)
-    except ConfigError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+    cfg = compile_cfg(args)
     if cfg.data.type == 'image_folder' and not cfg.data.root:
         print('error: no data root: pass --data-root DIR (or set $IMAGENET_ROOT) with the layout '
               f'{EXPECTED_LAYOUT}, or run with --demo to train on bundled digits', file=sys.stderr)
@@ -128,13 +130,10 @@ def main(argv=None) -> int:
         return EXIT_DIVERGED
     except DiskWriteError as e:  # the checkpoints are written to a temporary file and renamed: none is partial
         print(f'error: {e}\n{resume_hint()} once there is space', file=sys.stderr)
-        return EXIT_WRITE_FAILED
+        return e.exit_code
     except DataLayoutError as e:
         print(f'error: {e}. Pass --data-root DIR, or run with --demo to train on bundled digits', file=sys.stderr)
-        return 2
-    except (CheckpointError, ValueError) as e:  # invalid settings, data options or checkpoint: one clear line
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+        return e.exit_code
     return 0
 
 
@@ -167,8 +166,6 @@ def interrupted_message(cfg) -> str:
 
 
 def eval_only(args: argparse.Namespace) -> int:
-    from dizoo_imgcls.checkpoint import CheckpointError
-    from dizoo_imgcls.data import DataLayoutError
     from dizoo_imgcls.evaluate import evaluate_checkpoint
 
     if not args.resume or args.resume == 'auto' or not args.data_root:
@@ -181,11 +178,7 @@ def eval_only(args: argparse.Namespace) -> int:
         print(f"error: --eval-only takes its settings from the checkpoint: drop {', '.join(ignored)} "
               '(data.* and policy.eval.* keys can still be changed with --set)', file=sys.stderr)
         return 2
-    try:
-        evaluate_checkpoint(args.resume, args.data_root, args.overrides)
-    except (CheckpointError, DataLayoutError, ValueError) as e:  # ValueError includes ConfigError
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+    evaluate_checkpoint(args.resume, args.data_root, args.overrides)
     return 0
 
 

@@ -49,18 +49,20 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from dizoo_imgcls.errors import report_user_errors
+    return report_user_errors(run, args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The command; a ``UserError`` it raises (a bad checkpoint, its data.decoder not installed here) is reported
+    by ``main`` as one line."""
     import torch
 
-    from dizoo_imgcls.checkpoint import CheckpointError
     from dizoo_imgcls.predict import (EvalReader, find_images, load_model_from_checkpoint, predict_files,
                                       printable_path, write_predictions)
 
-    try:
-        model, config, class_names = load_model_from_checkpoint(args.checkpoint, args.weights)
-        reader = EvalReader(config['data'])
-    except (CheckpointError, ValueError) as e:  # ValueError: the checkpoint's data.decoder is not installed
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+    model, config, class_names = load_model_from_checkpoint(args.checkpoint, args.weights)
+    reader = EvalReader(config['data'])
     try:
         device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
         torch.empty(0, device=device)  # a device this machine does not have fails here, not mid-prediction

@@ -3,7 +3,6 @@ image with the reason, without training. ``check_splits_readable``: the quick ch
 before its first epoch."""
 import logging
 import os
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Dict, List, Optional, Tuple
@@ -11,17 +10,13 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from .decode import UnreadableImageError, is_hidden, load_rgb_array, read_image_file, resolve_decoder
-from .folder import (EXPECTED_LAYOUT, DataLayoutError, ImageFolderSplit, check_split_classes, class_index,
-                     is_image_file, scan_split)
+from .folder import (EXPECTED_LAYOUT, DataLayoutError, ImageFolderSplit, UnreadableSplitError, check_split_classes,
+                     class_index, is_image_file, scan_split)
 from .loader import num_workers
 
 FILES_PER_TASK = 64
 SAMPLE_FILES = 64  # files of each split fully decoded before the first epoch (spread over the split)
 logger = logging.getLogger('dizoo_imgcls')
-
-
-class UnreadableSplitError(ValueError):
-    """No file of a split is a usable image; the message names the split folder and an example reason."""
 
 
 def _spread(count: int, sample: int) -> List[int]:
@@ -118,19 +113,15 @@ def list_splits(root: str) -> Tuple[Dict[str, List[str]], List[Tuple[str, str]]]
 
 
 def check_data_folders(data_cfg) -> int:
-    """Print every unreadable image of ``data.root`` and every empty class folder; 1 if any, 0 if none, 2 if the
-    folder layout itself is wrong."""
+    """Print every unreadable image of ``data.root`` and every empty class folder; 1 if any, 0 if none. A wrong
+    folder layout (``DataLayoutError``) or ``data.decoder`` (``SettingError``) is raised for the command line."""
     if data_cfg['type'] != 'image_folder':
         print(f"--check-data reads image folders; data.type '{data_cfg['type']}' has none to check")
         return 0
     start = time.time()
     root = data_cfg['root']
-    try:
-        decoder = resolve_decoder(data_cfg.get('decoder', 'auto'))
-        files, empty_folders = list_splits(root)
-    except (DataLayoutError, ValueError) as e:  # ValueError: an unknown or missing data.decoder
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+    decoder = resolve_decoder(data_cfg.get('decoder', 'auto'))
+    files, empty_folders = list_splits(root)
     everything = files['train'] + files['val']
     chunks = [everything[i:i + FILES_PER_TASK] for i in range(0, len(everything), FILES_PER_TASK)]
     workers = num_workers(data_cfg)

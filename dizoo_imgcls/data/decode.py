@@ -20,6 +20,8 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ..errors import SettingError
+
 try:  # optional: the faster JPEG path; Pillow decodes everything without it
     import simplejpeg
 except ImportError:  # pragma: no cover - depends on the environment
@@ -64,14 +66,14 @@ def resolve_decoder(decoder: str) -> str:
     """'auto' -> 'region' where the C extension is built, else 'simplejpeg' when installed, else 'pil'; an
     unknown or unavailable choice is an error."""
     if decoder not in DECODERS:
-        raise ValueError(f"data.decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
+        raise SettingError(f"data.decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
     if decoder in ('region', 'simplejpeg') and simplejpeg is None:
-        raise ValueError(f"data.decoder={decoder!r} but the simplejpeg package is not installed "
-                         "(pip install simplejpeg, or use 'auto' / 'pil')")
+        raise SettingError(f"data.decoder={decoder!r} but the simplejpeg package is not installed "
+                           "(pip install simplejpeg, or use 'auto' / 'pil')")
     if decoder == 'region' and _jpeg_region is None:
-        raise ValueError("data.decoder='region' but dizoo_imgcls.data._jpeg_region was not built: install "
-                         "libjpeg-turbo's headers (Debian/Ubuntu: apt-get install libjpeg-dev) and reinstall the "
-                         "package, or use 'auto' / 'simplejpeg' / 'pil'")
+        raise SettingError("data.decoder='region' but dizoo_imgcls.data._jpeg_region was not built: install "
+                           "libjpeg-turbo's headers (Debian/Ubuntu: apt-get install libjpeg-dev) and reinstall the "
+                           "package, or use 'auto' / 'simplejpeg' / 'pil'")
     if decoder == 'auto':
         return 'region' if _jpeg_region is not None and simplejpeg is not None else (
             'simplejpeg' if simplejpeg is not None else 'pil')

@@ -16,6 +16,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from ..errors import UserError
 from .decode import UnreadableImageError, is_hidden, pil_to_rgb, read_image_file, resolve_decoder
 
 # Label of a placeholder sample standing in for an unreadable eval file; metrics leave it out.
@@ -24,8 +25,12 @@ EXPECTED_LAYOUT = 'ROOT/train/<class>/<image> and ROOT/val/<class>/<image>'
 logger = logging.getLogger('dizoo_imgcls')
 
 
-class DataLayoutError(Exception):
+class DataLayoutError(UserError):
     """The data folder does not have the expected layout; the message names the path and the problem."""
+
+
+class UnreadableSplitError(UserError, ValueError):
+    """No file of a split is a usable image; the message names the split folder and an example reason."""
 
 
 def load_rgb(path: str, draft_size: Optional[int] = None) -> Image.Image:
@@ -223,8 +228,8 @@ class ImageFolderSplit(Dataset):
                 self._mark_unreadable(candidate, str(e))
                 continue
             return item, int(self.targets[candidate])
-        raise RuntimeError(f'no readable image left in {self.root}: all {len(self)} files failed to decode '
-                           '(see the log for the reason of each)')
+        raise UnreadableSplitError(f'no readable image left in {self.root}: all {len(self)} files failed to decode '
+                                   '(see the log for the reason of each)')
 
     def _item_or_placeholder(self, index: int):
         if not self._unreadable[index]:

@@ -14,6 +14,8 @@ import os
 from contextlib import contextmanager
 from typing import Dict, List, Optional, Tuple
 
+from ..errors import UserError
+
 logger = logging.getLogger('dizoo_imgcls')
 
 KAGGLE_LABELS = 'LOC_val_solution.csv'
@@ -25,7 +27,7 @@ SYNSET_WORD_FILES = ('LOC_synset_mapping.txt', 'synset_words.txt', 'words.txt')
 SEARCH_LEVELS_UP = 3
 
 
-class LabelFileError(ValueError):
+class LabelFileError(UserError, ValueError):
     """A label or mapping file is malformed or does not match the images; the message names the file."""
 
 

@@ -7,6 +7,7 @@ import torch
 from ding.utils.registry import Registry
 from torch.utils.data import DataLoader, default_collate
 
+from ..errors import SettingError
 from .folder import ImageFolderSplit, class_index
 from .layouts import find_display_names
 from .sampler import DistributedSampler, EpochSeededDataset, TrainBatchSampler
@@ -163,8 +164,8 @@ def progressive_resize_hook(train_set, data_cfg: Dict) -> Optional[ProgressiveRe
         return None
     preset = getattr(train_set, 'transform', None)
     if not isinstance(preset, TrainPreset):
-        raise ValueError(f"data.progressive_resize needs the image-folder train transform; data.type "
-                         f"'{data_cfg['type']}' does not support it")
+        raise SettingError(f"data.progressive_resize needs the image-folder train transform; data.type "
+                           f"'{data_cfg['type']}' does not support it")
     return ProgressiveResize.from_scale(preset, spec['start_scale'], data_cfg['image_size'], spec['ramp_epochs'])
 
 
@@ -174,7 +175,7 @@ def build_loaders(data_cfg: Dict, batch_size: int, eval_batch_size: int, rank: i
 
     Batch sizes are per rank; the global batch is ``batch_size * world_size``."""
     if data_cfg['type'] not in DATA_REGISTRY:
-        raise ValueError(f"data.type '{data_cfg['type']}' is not one of: {', '.join(sorted(DATA_REGISTRY))}")
+        raise SettingError(f"data.type '{data_cfg['type']}' is not one of: {', '.join(sorted(DATA_REGISTRY))}")
     return DATA_REGISTRY[data_cfg['type']](data_cfg, batch_size, eval_batch_size, rank, world_size, seed)
 
 
@@ -214,8 +215,8 @@ def build_eval_data(data_cfg: Dict, class_names: List[str], eval_batch_size: int
     if data_cfg['type'] != 'image_folder':
         data = build_loaders(data_cfg, eval_batch_size, eval_batch_size, rank, world_size)
         if list(data.class_names) != list(class_names):
-            raise ValueError(f'the checkpoint was trained on {len(class_names)} classes {list(class_names)[:3]}..., '
-                             f'but the data has {data.class_names[:3]}...')
+            raise SettingError(f'the checkpoint was trained on {len(class_names)} classes {list(class_names)[:3]}..., '
+                               f'but the data has {data.class_names[:3]}...')
         return data
     val = val_split(data_cfg, {name: i for i, name in enumerate(class_names)}, allow_empty=False)
     workers = num_workers(data_cfg)

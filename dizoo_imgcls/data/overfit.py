@@ -16,6 +16,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from ..errors import SettingError, UserError
 from .loader import DATA_REGISTRY, ClassificationData, EvalEvent, wrap_loaders
 
 logger = logging.getLogger('dizoo_imgcls')
@@ -47,29 +48,29 @@ def overfit_options(options: Dict) -> Dict:
         if key not in OVERFIT_OPTIONS:
             close = difflib.get_close_matches(key, list(OVERFIT_OPTIONS), n=3, cutoff=0.5)
             hint = f"; closest: {', '.join('data.options.' + c for c in close)}" if close else ''
-            raise ValueError(f"unknown key 'data.options.{key}' for data.type 'overfit'{hint}")
+            raise SettingError(f"unknown key 'data.options.{key}' for data.type 'overfit'{hint}")
     merged = dict(OVERFIT_OPTIONS, **options)
     hw = merged['image_hw']
     if len(hw) != 2 or any(not isinstance(s, int) or s < 2 for s in hw):
-        raise ValueError(f'data.options.image_hw must be [height, width] in px (each >= 2), got {hw!r}')
+        raise SettingError(f'data.options.image_hw must be [height, width] in px (each >= 2), got {hw!r}')
     if not isinstance(merged['samples_per_epoch'], int) or merged['samples_per_epoch'] < 2:
-        raise ValueError(f"data.options.samples_per_epoch must be an integer >= 2, got "
-                         f"{merged['samples_per_epoch']!r}")
+        raise SettingError(f"data.options.samples_per_epoch must be an integer >= 2, got "
+                           f"{merged['samples_per_epoch']!r}")
     return merged
 
 
 def render_text(text: str, height_px: int, width_px: int, margin: float = 0.08) -> np.ndarray:
     """``text`` in black on white, scaled to fill the canvas less a margin and centred; grayscale uint8."""
     if not text:
-        raise ValueError('data.options.text is empty: give a word to render or set data.options.image_path')
+        raise SettingError('data.options.text is empty: give a word to render or set data.options.image_path')
     canvas = Image.new('L', (width_px, height_px), 255)
     draw = ImageDraw.Draw(canvas)
     box_w, box_h = width_px * (1 - 2 * margin), height_px * (1 - 2 * margin)
     try:
         font = ImageFont.load_default(size=100)
     except TypeError as e:  # Pillow < 10.1 ships only a fixed 11 px bitmap font
-        raise RuntimeError('rendering data.options.text needs Pillow >= 10.1 (a scalable default font); '
-                           'upgrade Pillow or set data.options.image_path') from e
+        raise UserError('rendering data.options.text needs Pillow >= 10.1 (a scalable default font); '
+                        'upgrade Pillow or set data.options.image_path') from e
     left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
     size = max(1, int(100 * min(box_w / (right - left), box_h / (bottom - top))))
     font = ImageFont.load_default(size=size)
@@ -82,12 +83,12 @@ def render_text(text: str, height_px: int, width_px: int, margin: float = 0.08) 
 def load_grayscale(path: str, height_px: int, width_px: int) -> np.ndarray:
     """The picture at ``path`` as grayscale uint8, resized to height x width px when it differs."""
     if not os.path.isfile(path):
-        raise ValueError(f'data.options.image_path: no such file: {path}')
+        raise SettingError(f'data.options.image_path: no such file: {path}')
     try:
         with Image.open(path) as image:
             gray = image.convert('L')
     except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f'data.options.image_path: cannot read {path} as an image ({e})') from e
+        raise SettingError(f'data.options.image_path: cannot read {path} as an image ({e})') from e
     if gray.size != (width_px, height_px):
         gray = gray.resize((width_px, height_px), Image.BILINEAR)
     return np.asarray(gray)
@@ -101,8 +102,8 @@ def ink_mask(options: Dict) -> np.ndarray:
     mask = gray < options['ink_threshold']
     if mask.all() or not mask.any():
         source = f"image {path}" if path else f"text '{options['text']}'"
-        raise ValueError(f"{source} has {'only' if mask.all() else 'no'} pixels darker than "
-                         f"data.options.ink_threshold={options['ink_threshold']}: both classes are needed")
+        raise SettingError(f"{source} has {'only' if mask.all() else 'no'} pixels darker than "
+                           f"data.options.ink_threshold={options['ink_threshold']}: both classes are needed")
     return mask
 
 

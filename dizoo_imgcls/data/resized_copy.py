@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..errors import UserError
 from .check import list_splits
 from .decode import UnreadableImageError, is_hidden, read_image_file
 from .folder import entry_kind, is_image_file, is_within
@@ -36,7 +37,7 @@ FILES_PER_TASK = 64
 SPLITS = ('train', 'val')
 
 
-class ResizedCopyError(Exception):
+class ResizedCopyError(UserError):
     """The output folder cannot take this copy; the message names the folder and the reason."""
 
 

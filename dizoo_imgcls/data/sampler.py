@@ -1,6 +1,8 @@
 import torch
 from torch.utils.data import BatchSampler, Dataset, Sampler
 
+from ..errors import SettingError
+
 
 class DistributedSampler(Sampler):
     """Shards ``range(num_samples)`` over ranks so each index is drawn exactly once per epoch in total.
@@ -65,9 +67,9 @@ class TrainBatchSampler(BatchSampler):
         if num_samples is not None and num_samples // replicas < len(self):
             # batch size 1 on uneven shards, or fewer images than processes: some rank would run fewer steps
             # than the others, and its LR schedule (and so its weights) would drift from theirs
-            raise ValueError(f'{num_samples} training images over {replicas} processes cannot give every process '
-                             f'the same {len(self)} batches of at most {batch_size} image(s); use '
-                             'policy.learn.batch_size >= 2 and at least 2 images per process')
+            raise SettingError(f'{num_samples} training images over {replicas} processes cannot give every process '
+                               f'the same {len(self)} batches of at most {batch_size} image(s); use '
+                               'policy.learn.batch_size >= 2 and at least 2 images per process')
 
     def __len__(self) -> int:
         num_samples, replicas = getattr(self.sampler, 'num_samples', None), getattr(self.sampler, 'num_replicas', 1)

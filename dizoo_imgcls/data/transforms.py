@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
+from ..errors import SettingError
 from .decode import Box, DecodedImage
 
 JPEG_SCALE_FACTORS = (8, 4, 2, 1)
@@ -78,7 +79,7 @@ def build_auto_augment(name: Optional[str], magnitude: int = 9):
     """torchvision's RandAugment (2 ops of ``magnitude`` out of 31) or TrivialAugmentWide on uint8 CHW
     tensors; their random draws come from torch's RNG, which ``EpochSeededDataset`` seeds per sample."""
     if name not in AUTO_AUGMENTS:
-        raise ValueError(f"data.auto_augment must be one of {AUTO_AUGMENTS}, got {name!r}")
+        raise SettingError(f"data.auto_augment must be one of {AUTO_AUGMENTS}, got {name!r}")
     if name == 'randaugment':
         return v2.RandAugment(num_ops=2, magnitude=magnitude)
     if name == 'trivialaugment':
@@ -96,9 +97,9 @@ class TrainPreset:
                  reduced_decode: bool = True, auto_augment: Optional[str] = None, magnitude: int = 9,
                  fast_upsample: bool = False, crop_ratio: Sequence[float] = (3 / 4, 4 / 3)) -> None:
         if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
-            raise ValueError(f'data.train_crop_scale must be [min, max] with 0 < min <= max <= 1, got {crop_scale}')
+            raise SettingError(f'data.train_crop_scale must be [min, max] with 0 < min <= max <= 1, got {crop_scale}')
         if not 0 < crop_ratio[0] <= crop_ratio[1]:
-            raise ValueError(f'data.train_crop_ratio must be [min, max] with 0 < min <= max, got {crop_ratio}')
+            raise SettingError(f'data.train_crop_ratio must be [min, max] with 0 < min <= max, got {crop_ratio}')
         self.image_size = image_size
         self.crop_scale = tuple(crop_scale)
         self.ratio = tuple(crop_ratio)
@@ -145,7 +146,7 @@ def eval_image_size(data_cfg) -> int:
 
 def eval_resize_size(image_size: int, crop_ratio: float) -> int:
     if not 0 < crop_ratio <= 1:
-        raise ValueError(f'data.eval_crop_ratio must be in (0, 1], got {crop_ratio}')
+        raise SettingError(f'data.eval_crop_ratio must be in (0, 1], got {crop_ratio}')
     return int(round(image_size / crop_ratio))
 
 
@@ -161,9 +162,9 @@ class ProgressiveResize:
                  multiple: int = 16) -> None:
         first, last = ramp_epochs
         if not (0 < start_size <= end_size and 0 <= first <= last and multiple > 0):
-            raise ValueError(f'progressive resizing needs 0 < start size <= data.image_size ({end_size}) and '
-                             f'ramp_epochs [first, last] with 0 <= first <= last, got start size {start_size}, '
-                             f'ramp_epochs={list(ramp_epochs)}')
+            raise SettingError(f'progressive resizing needs 0 < start size <= data.image_size ({end_size}) and '
+                               f'ramp_epochs [first, last] with 0 <= first <= last, got start size {start_size}, '
+                               f'ramp_epochs={list(ramp_epochs)}')
         self.preset, self.start_size, self.end_size = preset, start_size, end_size
         self.first, self.last, self.multiple = first, last, multiple
 
@@ -172,7 +173,7 @@ class ProgressiveResize:
                    multiple: int = 16) -> 'ProgressiveResize':
         """Start at ``start_scale`` x ``end_size``, rounded to a multiple of ``multiple`` (0.75 x 128 = 96 px)."""
         if not 0 < start_scale <= 1:
-            raise ValueError(f'data.progressive_resize.start_scale must be in (0, 1], got {start_scale}')
+            raise SettingError(f'data.progressive_resize.start_scale must be in (0, 1], got {start_scale}')
         start = max(multiple, int(round(start_scale * end_size / multiple)) * multiple)
         return cls(preset, min(start, end_size), end_size, ramp_epochs, multiple)
 

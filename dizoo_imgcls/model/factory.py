@@ -14,6 +14,7 @@ import torch.nn as nn
 import torchvision
 from ding.utils.registry import Registry
 
+from ..errors import SettingError
 from .tweaks import add_blur_pool_, set_activation_
 
 logger = logging.getLogger('dizoo_imgcls')
@@ -119,7 +120,7 @@ def build_timm_model(arch: str, num_classes: int, zero_init_residual: bool = Tru
     try:
         backbone = timm.create_model(arch, pretrained=False, num_classes=num_classes, **timm_kwargs)
     except TypeError as e:  # an option this architecture does not take
-        raise ValueError(f"timm model '{arch}' does not take the options {sorted(timm_kwargs)}: {e}") from None
+        raise SettingError(f"timm model '{arch}' does not take the options {sorted(timm_kwargs)}: {e}") from None
     if isinstance(backbone, TimmResNet):
         msra_init_(backbone, zero_init_residual)
     cfg = getattr(backbone, 'pretrained_cfg', None) or {}
@@ -134,9 +135,9 @@ def _register_legacy_resnet_d(name: str) -> None:
     def build(num_classes: int, zero_init_residual: bool = False, blur_pool: bool = False,
               activation: Optional[str] = None):
         if blur_pool:
-            raise ValueError(f"'{name}' with blur_pool=True was the hand-built ResNet-D with a blur before each strided "
-                             f"convolution, which no longer exists; 'timm/{name}' with blur_pool=True is timm's "
-                             f"anti-aliased ResNet-D (another network: its weights do not carry over)")
+            raise SettingError(f"'{name}' with blur_pool=True was the hand-built ResNet-D with a blur before each "
+                               f"strided convolution, which no longer exists; 'timm/{name}' with blur_pool=True is "
+                               f"timm's anti-aliased ResNet-D (another network: its weights do not carry over)")
         return build_timm_model(name, num_classes, zero_init_residual=zero_init_residual, activation=activation)
 
     MODEL_REGISTRY.register(name, build)
@@ -180,14 +181,14 @@ def check_model_options(name: str, options: Iterable[str], config_keys: Sequence
     for key in sorted(set(options) - set(params)):
         close = difflib.get_close_matches(key, valid + list(config_keys), n=2, cutoff=0.5)
         hint = f" (did you mean {' or '.join(close)}?)" if close else ''
-        raise ValueError(f"model '{name}' has no option '{key}'{hint}; its options: {', '.join(valid)}")
+        raise SettingError(f"model '{name}' has no option '{key}'{hint}; its options: {', '.join(valid)}")
 
 
 def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:
     """Build a registered model, e.g. ``create_model('resnet18', num_classes=10, zero_init_residual=True)``."""
     check_model_options(name, kwargs)
     if not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f'num_classes must be a positive integer, got {num_classes!r}')
+        raise SettingError(f'num_classes must be a positive integer, got {num_classes!r}')
     return model_builder(name)(num_classes=num_classes, **kwargs)
 
 
@@ -195,7 +196,7 @@ def classifier_head_prefix(model: nn.Module) -> str:
     """State-dict prefix of the final classifier: the last ``nn.Linear`` (``backbone.fc.`` for ResNets)."""
     linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
-        raise ValueError(f'{type(model).__name__} has no nn.Linear classifier head')
+        raise SettingError(f'{type(model).__name__} has no nn.Linear classifier head')
     return linears[-1] + '.'
 
 
@@ -215,12 +216,12 @@ def load_pretrained(model: nn.Module, state: Dict[str, torch.Tensor], source: st
         state = {k: v for k, v in state.items() if not k.startswith(head)}
     mismatched = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
     if mismatched:
-        raise ValueError(f'{source}: shapes differ for {mismatched[:3]}: is it the same architecture?')
+        raise SettingError(f'{source}: shapes differ for {mismatched[:3]}: is it the same architecture?')
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (new_head and k.startswith(head))]
     if missing or unexpected:
-        raise ValueError(f'{source} does not fit {type(model).__name__}: missing {missing[:3]}, '
-                         f'unexpected {unexpected[:3]}')
+        raise SettingError(f'{source} does not fit {type(model).__name__}: missing {missing[:3]}, '
+                           f'unexpected {unexpected[:3]}')
     if new_head:
         return f'loaded {source}; replaced the classifier head ({old_classes} -> {own[head + "weight"].shape[0]} ' \
                f'classes, freshly initialized)'

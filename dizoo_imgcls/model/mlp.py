@@ -8,6 +8,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
+from ..errors import SettingError
 from .factory import MODEL_REGISTRY
 
 
@@ -66,14 +67,14 @@ class CoordinateMLP(nn.Module):
 
 def _check_mlp_args(widths, activation, coord_hw, input_range) -> None:
     if activation not in MLP_ACTIVATIONS:
-        raise ValueError(f"policy.model.activation must be one of {sorted(MLP_ACTIVATIONS)}, got '{activation}'")
+        raise SettingError(f"policy.model.activation must be one of {sorted(MLP_ACTIVATIONS)}, got '{activation}'")
     if not widths or any(not isinstance(w, int) or w < 1 for w in widths):
-        raise ValueError(f'policy.model.widths must be a non-empty list of positive integers, got {widths!r}')
+        raise SettingError(f'policy.model.widths must be a non-empty list of positive integers, got {widths!r}')
     if len(coord_hw) != 2 or any(not isinstance(s, int) or s < 1 for s in coord_hw):
-        raise ValueError(f'policy.model.coord_hw must be [height, width] in px, got {coord_hw!r}')
+        raise SettingError(f'policy.model.coord_hw must be [height, width] in px, got {coord_hw!r}')
     if input_range is not None and not (isinstance(input_range, (int, float)) and input_range > 0):
-        raise ValueError(f'policy.model.input_range must be None (raw pixels) or a positive number, '
-                         f'got {input_range!r}')
+        raise SettingError(f'policy.model.input_range must be None (raw pixels) or a positive number, '
+                           f'got {input_range!r}')
 
 
 @MODEL_REGISTRY.register('coord_mlp')
@@ -90,7 +91,7 @@ def build_coord_mlp(num_classes: int, widths: Sequence[int] = (128, 128, 128), a
     them to every model; an MLP has no residual blocks (ignored) and no strided convolutions (refused).
     """
     if blur_pool:
-        raise ValueError('policy.model.blur_pool applies to convolutional models, not coord_mlp')
+        raise SettingError('policy.model.blur_pool applies to convolutional models, not coord_mlp')
     widths, coord_hw = list(widths), list(coord_hw)
     activation = 'cos' if activation is None else activation  # None: the policy config's "the model's own"
     _check_mlp_args(widths, activation, coord_hw, input_range)

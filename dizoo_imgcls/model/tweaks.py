@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import SettingError
+
 
 ACTIVATIONS = {'relu': nn.ReLU, 'silu': nn.SiLU, 'mish': nn.Mish}
 
@@ -21,7 +23,7 @@ def set_activation_(model: nn.Module, name: Optional[str]) -> nn.Module:
     """Replace every ``nn.ReLU`` module of ``model`` (torchvision's ResNets use modules, not ``F.relu``) by the
     activation ``name``, in place; ``'relu'`` or None leaves the model as it is."""
     if name is not None and name not in ACTIVATIONS:
-        raise ValueError(f"policy.model.activation must be one of {sorted(ACTIVATIONS)}, got '{name}'")
+        raise SettingError(f"policy.model.activation must be one of {sorted(ACTIVATIONS)}, got '{name}'")
     if name in (None, 'relu'):
         return model
     for parent in list(model.modules()):

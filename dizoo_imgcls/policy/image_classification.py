@@ -9,6 +9,7 @@ import torch.nn as nn
 from ding.policy import Policy
 from ding.utils import POLICY_REGISTRY
 
+from ..errors import SettingError
 from ..model import build_model_from_cfg, classifier_head_prefix
 from .recipe import BatchMixer, ExponentialMovingAverage, eval_outputs, soft_target_accuracy
 from .optim import (build_lr_scheduler, build_optimizer, optimizer_options, param_groups_no_bn_bias_decay,
@@ -20,7 +21,7 @@ AMP_MODES = ('auto', 'bf16', 'fp16', 'none')
 def resolve_amp_dtype(amp: str, device_type: str) -> Optional[torch.dtype]:
     """The autocast dtype for ``amp`` on this device, or None for full fp32."""
     if amp not in AMP_MODES:
-        raise ValueError(f"policy.learn.amp must be one of {AMP_MODES}, got '{amp}'")
+        raise SettingError(f"policy.learn.amp must be one of {AMP_MODES}, got '{amp}'")
     if amp == 'none':
         return None
     if device_type == 'cuda':
@@ -28,7 +29,7 @@ def resolve_amp_dtype(amp: str, device_type: str) -> Optional[torch.dtype]:
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.bfloat16 if amp == 'bf16' else torch.float16
     if amp == 'fp16':
-        raise ValueError("policy.learn.amp='fp16' needs a GPU; use 'bf16' or 'none' on CPU")
+        raise SettingError("policy.learn.amp='fp16' needs a GPU; use 'bf16' or 'none' on CPU")
     if amp == 'auto':
         # bf16 autocast only pays off on CPUs with native bf16 dot products (AVX512-BF16 or AMX).
         fast_bf16 = getattr(torch.cpu, '_is_avx512_bf16_supported', lambda: False)() or \
@@ -224,7 +225,7 @@ class ImageClassificationPolicy(Policy):
         self._learn_model = self._model
         if cfg.sync_bn and self._world_size > 1:
             if not self._cuda:
-                raise ValueError('policy.learn.sync_bn=True needs GPUs: torch SyncBatchNorm does not run on CPU')
+                raise SettingError('policy.learn.sync_bn=True needs GPUs: torch SyncBatchNorm does not run on CPU')
             self._model = self._learn_model = nn.SyncBatchNorm.convert_sync_batchnorm(self._model)
         if cfg.multi_gpu and self._world_size > 1:
             device_ids = [torch.cuda.current_device()] if self._cuda else None
@@ -350,8 +351,8 @@ class ImageClassificationPolicy(Policy):
             self._scaler.load_state_dict(state_dict['grad_scaler'])
         if self._ema is not None:
             if 'ema' not in state_dict:
-                raise ValueError('the checkpoint has no EMA weights but policy.learn.ema.enabled=True; resume with '
-                                 'the setting it was trained with')
+                raise SettingError('the checkpoint has no EMA weights but policy.learn.ema.enabled=True; resume with '
+                                   'the setting it was trained with')
             self._ema.load_state_dict(state_dict['ema'])
         self._epoch = state_dict['epoch']
         self._iteration = state_dict['iteration']

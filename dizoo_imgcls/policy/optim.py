@@ -5,6 +5,8 @@ from typing import Iterable, List, Optional, Sequence
 import torch
 from torch.optim.lr_scheduler import LinearLR, LRScheduler, MultiStepLR, OneCycleLR, SequentialLR
 
+from ..errors import SettingError
+
 LR_SCHEDULES = ('cosine', 'flat_cos', 'step', 'onecycle')
 
 
@@ -20,8 +22,8 @@ def param_groups_no_bn_bias_decay(model: torch.nn.Module, weight_decay: float, l
     Parameters whose name starts with ``head_prefix`` get ``lr``; the rest get ``lr * backbone_lr_factor``
     (fine-tuning usually moves pretrained layers less than a new head)."""
     if not 0 <= backbone_lr_factor <= 1:
-        raise ValueError(f'policy.learn.backbone_lr_factor is the backbone\'s share of the LR, in [0, 1]; got '
-                         f'{backbone_lr_factor}')
+        raise SettingError(f'policy.learn.backbone_lr_factor is the backbone\'s share of the LR, in [0, 1]; got '
+                           f'{backbone_lr_factor}')
     groups = {}
     for name, param in model.named_parameters():
         is_head = bool(head_prefix) and name.startswith(head_prefix)
@@ -68,7 +70,7 @@ def build_optimizer(name: str, params: Iterable, lr: float, momentum: float = 0.
         from timm.optim import Lamb
         optimizer = Lamb(params, lr=lr, betas=tuple(betas), eps=eps, foreach=fused)
     else:
-        raise ValueError(f"policy.learn.optimizer must be one of {OPTIMIZERS}, got '{name}'")
+        raise SettingError(f"policy.learn.optimizer must be one of {OPTIMIZERS}, got '{name}'")
     if lookahead:
         from timm.optim import Lookahead
         optimizer = Lookahead(optimizer, alpha=lookahead['alpha'], k=lookahead['k'])
@@ -124,7 +126,7 @@ def build_lr_scheduler(
     - ``onecycle``: torch's OneCycleLR (cosine up for ``warmup_iters``, cosine down), momentum left alone.
     """
     if schedule not in LR_SCHEDULES:
-        raise ValueError(f"policy.learn.lr_schedule must be one of {LR_SCHEDULES}, got '{schedule}'")
+        raise SettingError(f"policy.learn.lr_schedule must be one of {LR_SCHEDULES}, got '{schedule}'")
     if total_iters < 1:
         raise ValueError(f'total_iters must be positive, got {total_iters}')
     warmup_iters = max(0, min(int(warmup_iters), total_iters - 1))
@@ -139,7 +141,7 @@ def build_lr_scheduler(
         )
     if schedule in ('cosine', 'flat_cos'):
         if not 0 <= flat_fraction < 1:
-            raise ValueError(f'policy.learn.flat_fraction must be in [0, 1), got {flat_fraction}')
+            raise SettingError(f'policy.learn.flat_fraction must be in [0, 1), got {flat_fraction}')
         flat_iters = round(flat_fraction * total_iters) - warmup_iters if schedule == 'flat_cos' else 0
         main = CosineToFactor(optimizer, T_max=total_iters - warmup_iters, final_factor=final_lr_factor,
                               flat_iters=flat_iters)

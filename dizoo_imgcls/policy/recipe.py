@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
 from torchvision.transforms import v2
 
+from ..errors import SettingError
+
 
 class BatchMixer:
     """Mixup (Zhang et al. 2018) or CutMix (Yun et al. 2019) on a whole batch, from torchvision's
@@ -18,9 +20,9 @@ class BatchMixer:
     def __init__(self, num_classes: int, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0, prob: float = 1.0,
                  switch_prob: float = 0.5, stop_epoch: Optional[int] = None) -> None:
         if mixup_alpha < 0 or cutmix_alpha < 0 or not 0 <= prob <= 1 or not 0 <= switch_prob <= 1:
-            raise ValueError('policy.learn.mix needs alphas >= 0 and prob, switch_prob in [0, 1], got '
-                             f'mixup_alpha={mixup_alpha}, cutmix_alpha={cutmix_alpha}, prob={prob}, '
-                             f'switch_prob={switch_prob}')
+            raise SettingError('policy.learn.mix needs alphas >= 0 and prob, switch_prob in [0, 1], got '
+                               f'mixup_alpha={mixup_alpha}, cutmix_alpha={cutmix_alpha}, prob={prob}, '
+                               f'switch_prob={switch_prob}')
         self.num_classes = num_classes
         self.prob = prob
         self.stop_epoch = stop_epoch
@@ -55,7 +57,7 @@ class ExponentialMovingAverage(AveragedModel):
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         if not 0 < decay < 1:
-            raise ValueError(f'policy.learn.ema.decay must be in (0, 1), got {decay}')
+            raise SettingError(f'policy.learn.ema.decay must be in (0, 1), got {decay}')
         self.decay = decay
         super().__init__(model, multi_avg_fn=self._lerp, use_buffers=True)
 
@@ -77,8 +79,8 @@ def tta_views(images: torch.Tensor, flip: bool, scales: Sequence[float]) -> List
     (antialiased bilinear, the side rounded to a multiple of 8 px). Only image batches (N x C x H x W) have
     views: TTA on other inputs (the overfit check's coordinates) is refused, not silently meaningless."""
     if (flip or scales) and images.dim() != 4:
-        raise ValueError(f'policy.eval.tta (flip / scales) needs image batches (N x C x H x W), got inputs of '
-                         f'shape {tuple(images.shape)}; turn test-time augmentation off for this data')
+        raise SettingError(f'policy.eval.tta (flip / scales) needs image batches (N x C x H x W), got inputs of '
+                           f'shape {tuple(images.shape)}; turn test-time augmentation off for this data')
     views = [images]
     if flip:
         views.append(images.flip(-1))
