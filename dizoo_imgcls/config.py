@@ -243,8 +243,20 @@ def build_config(user_config: Dict, overrides: Iterable[str] = (), source: str =
     for assignment in overrides:
         apply_override(cfg, assignment)
     check_image_sizes(cfg)
+    check_multi_gpu(cfg)
     return EasyDict(cfg)
 
+
+def check_multi_gpu(cfg: Dict) -> None:
+    """``policy.multi_gpu`` is DI-engine's key: its ``Policy`` then broadcasts the weights and all-reduces every
+    gradient by hand. This policy trains with DistributedDataParallel instead, on whenever torchrun starts more
+    than one process (the run records it in ``policy.learn.multi_gpu``); both would average every gradient twice,
+    and DI-engine's outside torchrun fails at its first broadcast. The key must stay False."""
+    if get_dotted(cfg, 'policy.multi_gpu', False):
+        raise ConfigError('policy.multi_gpu=True is DI-engine\'s own gradient all-reduce, which this policy replaces '
+                          'by DistributedDataParallel: leave it False. Training is distributed whenever torchrun '
+                          'starts more than one process (torchrun --nproc_per_node=N entry/imagenet_res18_main.py '
+                          '...); the run sets policy.learn.multi_gpu itself')
 
 
 # Largest image side (px) any size key may ask for: 2048 covers every classification recipe (EfficientNet-B7

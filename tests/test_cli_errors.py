@@ -8,7 +8,7 @@ import pytest
 from conftest import run_main
 from dizoo_imgcls import config
 from dizoo_imgcls.checkpoint import CheckpointError, DiskWriteError
-from dizoo_imgcls.config import ConfigError
+from dizoo_imgcls.config import ConfigError, build_config
 from dizoo_imgcls.data.check import UnreadableSplitError
 from dizoo_imgcls.data.folder import DataLayoutError
 from dizoo_imgcls.data.layouts import LabelFileError
@@ -108,3 +108,12 @@ def test_report_user_errors_passes_everything_else_through(capsys):
 def test_our_input_errors_are_user_errors_and_keep_their_old_base(cls, also):
     assert issubclass(cls, UserError) and issubclass(cls, also)
 
+
+def test_policy_multi_gpu_is_refused_naming_the_key_the_run_uses(tmp_path, capsys):
+    with pytest.raises(ConfigError, match=r"policy\.multi_gpu=True is DI-engine's own .*torchrun .*"
+                                          r"policy\.learn\.multi_gpu"):
+        build_config({'policy': {'multi_gpu': True}})
+    code, _, err = run_main(capsys, MAIN, '--data-root', tmp_path, '--set', 'policy.multi_gpu=True')
+    assert code == 2 and len(error_lines(err)) == 1 and 'policy.learn.multi_gpu' in err
+    # The run's own record (a compiled config of a DDP run says policy.learn.multi_gpu=True) loads again.
+    assert build_config({'policy': {'learn': {'multi_gpu': True}}}).policy.multi_gpu is False

@@ -51,7 +51,8 @@ class ImageClassificationPolicy(Policy):
         type='image_classification',
         # (bool) Train on a GPU when one is available; CPU otherwise.
         cuda=True,
-        # (bool) DI-engine's hand-written gradient sync; always False here: DDP is used (learn.multi_gpu).
+        # (bool) DI-engine's own gradient all-reduce. Must stay False (True is refused): this policy uses
+        # DistributedDataParallel, recorded in learn.multi_gpu.
         multi_gpu=False,
         # (bool) Supervised learning has no notion of on/off-policy; kept for DI-engine's Policy contract.
         on_policy=False,
@@ -77,7 +78,8 @@ class ImageClassificationPolicy(Policy):
             pretrained=None,
         ),
         learn=dict(
-            # (bool) DistributedDataParallel; set automatically when launched by torchrun with >1 process.
+            # (bool) DistributedDataParallel. Not a setting: the run sets it, True when torchrun starts more than
+            # one process; a value given here is replaced.
             multi_gpu=False,
             # (int) Images per step on each rank; the global batch is batch_size x world size.
             batch_size=256,
