@@ -1,8 +1,9 @@
-"""Every use of DI-engine's ``BaseLearner`` and ``MetricSerialEvaluator`` beyond their documented calls, in one
-place. ``tests/test_ding_adapter.py`` checks each against the installed DI-engine, so that a release that changes
+"""Every use of DI-engine's policy registry, ``BaseLearner`` and ``MetricSerialEvaluator`` beyond their documented
+calls, in one place. ``tests/test_ding_adapter.py`` checks each against the installed DI-engine, so that a release that changes
 one fails there, by name, instead of somewhere in a run."""
 from typing import Any, Dict, Optional
 
+from ding.policy import Policy, create_policy
 from ding.utils import deep_merge_dicts
 from ding.worker import BaseLearner, MetricSerialEvaluator
 from easydict import EasyDict
@@ -12,6 +13,13 @@ from .runtime import NullWriter
 # DI-engine's default learner hooks that the run replaces: TrainLoggerHook prints the same numbers as one line
 # (plus img/s), and every checkpoint comes from the run's CheckpointManager (atomic, full state).
 REPLACED_LEARNER_HOOKS = ('log_show_after_iter', 'save_ckpt_after_iter', 'save_ckpt_after_run')
+
+
+def make_policy(policy_cfg: EasyDict, **kwargs) -> Policy:
+    """The policy ``policy_cfg.type`` names, created through DI-engine's ``POLICY_REGISTRY`` as its own pipelines
+    do; ``policy_cfg.import_names`` lists the modules that register it (``image_classification``:
+    ``ImageClassificationPolicy``). ``kwargs``: ``model``, ``enable_field``."""
+    return create_policy(policy_cfg, **kwargs)
 
 
 def learner_config(ours: Dict[str, Any]) -> EasyDict:

@@ -16,6 +16,7 @@ from typing import Dict, Mapping, Optional, TextIO
 
 from ding.worker.learner.learner_hook import LearnerHook
 
+from .errors import UserError
 from .run_state import RunState
 from .summary import cuda_max_allocated_mb, peak_rss_mb
 
@@ -228,8 +229,9 @@ class TrainLoggerHook(LearnerHook):
 
 
 
-class TrainingDiverged(Exception):
+class TrainingDiverged(UserError):
     """The training loss became non-finite (or spiked): the run stopped before saving anything from that state."""
+    exit_code = 3
 
 
 class LossGuardHook(LearnerHook):

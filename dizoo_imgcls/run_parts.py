@@ -17,10 +17,10 @@ from .checkpoint import (CHECKPOINT_FORMAT, CheckpointError, CheckpointManager, 
 from .config import check_run_settings, check_same_schedule, prepare_config
 from .data import build_loaders, shutdown_workers
 from .data.check import check_splits_readable
-from .ding_adapter import make_evaluator, make_learner
+from .ding_adapter import make_evaluator, make_learner, make_policy
+from .errors import SettingError
 from .hooks import LossGuardHook, TrainingDiverged, TrainLoggerHook
 from .metric import DiagnosticMetric
-from .policy import ImageClassificationPolicy
 from .run_state import RunState
 from .runtime import (LazyWriter, NullWriter, elastic_restart_count, experiment_dir, init_distributed,
                       quiet_write_errors, release_experiment_dir, remove_restart_marker, set_deterministic,
@@ -56,9 +56,9 @@ class RunParts:
         check_splits_readable(self.data)  # a split of unreadable files: one clear error before any folder is made
         val_images = getattr(self.data.val_sampler, 'num_samples', None)
         if val_images is not None and val_images < self.world_size:  # the same decision on every rank
-            raise ValueError(f'{val_images} validation image(s) for {self.world_size} processes: every process '
-                             f'evaluates a shard of its own and needs at least one image; add validation images '
-                             f'or start fewer processes')
+            raise SettingError(f'{val_images} validation image(s) for {self.world_size} processes: every process '
+                               f'evaluates a shard of its own and needs at least one image; add validation images '
+                               f'or start fewer processes')
         prepare_config(cfg, self.data)
         for loader in (self.data.train_loader, self.data.val_loader):
             loader.worker_init_fn = functools.partial(worker_leaves_sigterm_to_the_run, loader.worker_init_fn)
@@ -83,7 +83,7 @@ class RunParts:
             if stale:
                 logger.info(f'removed {len(stale)} temporary file(s) that killed runs left: {", ".join(stale)}')
         self.tb = LazyWriter(os.path.join(self.exp_dir, 'tb')) if self.rank == 0 else NullWriter()
-        self.policy = ImageClassificationPolicy(cfg.policy, enable_field=['learn', 'eval'])
+        self.policy = make_policy(cfg.policy, enable_field=['learn', 'eval'])
         # DI-engine's learner and evaluator write text logs under './{exp_name}/log' on every rank; only rank 0
         # may write into the experiment folder, the others log to a private temporary folder.
         if self.rank == 0:

@@ -8,7 +8,7 @@ from ding.worker.learner.learner_hook import LogReduceHook
 from dizoo_imgcls.config import default_config
 from dizoo_imgcls.checkpoint import BEST_NAME
 from dizoo_imgcls.ding_adapter import (REPLACED_LEARNER_HOOKS, evaluator_config, make_evaluator, make_learner,
-                                       restore_best)
+                                       make_policy, restore_best)
 from dizoo_imgcls.metric import ImageClassificationMetric
 from dizoo_imgcls.policy import ImageClassificationPolicy
 from dizoo_imgcls.runtime import NullWriter
@@ -39,6 +39,20 @@ def test_the_replaced_default_hooks_exist_in_dingengine_and_not_in_our_config():
     assert set(REPLACED_LEARNER_HOOKS) <= set(defaults), 'DI-engine renamed a default learner hook we remove'
     ours = default_config().policy.learn.learner.hook
     assert not set(REPLACED_LEARNER_HOOKS) & set(ours) and set(ours) == set(defaults) - set(REPLACED_LEARNER_HOOKS)
+
+
+def test_the_policy_is_created_through_dingengines_registry_by_its_type():
+    cfg = default_config()
+    cfg.policy.model.update(name='resnet18', num_classes=3)
+    cfg.policy.update(cuda=False)
+    cfg.policy.learn.iters_per_epoch = 4
+    policy = make_policy(cfg.policy, enable_field=['eval'])
+    assert type(policy) is ImageClassificationPolicy and policy.eval_mode.forward is not None
+    from ding.utils import POLICY_REGISTRY
+    assert POLICY_REGISTRY.get(cfg.policy.type) is ImageClassificationPolicy
+    cfg.policy.type = 'image_clasification'
+    with pytest.raises(KeyError, match='image_clasification'):  # the registry names what it was asked for
+        make_policy(cfg.policy, enable_field=['eval'])
 
 
 def test_a_learner_of_a_multi_process_job_gets_no_log_reduce_hook(tmp_path, monkeypatch):

@@ -49,6 +49,8 @@ class ImageClassificationPolicy(Policy):
     config = dict(
         # (str) Registered name of this policy in DI-engine's POLICY_REGISTRY.
         type='image_classification',
+        # (list) Modules DI-engine's create_policy imports first: the one that registers `type`.
+        import_names=['dizoo_imgcls.policy.image_classification'],
         # (bool) Train on a GPU when one is available; CPU otherwise.
         cuda=True,
         # (bool) DI-engine's own gradient all-reduce. Must stay False (True is refused): this policy uses
