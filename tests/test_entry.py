@@ -80,14 +80,34 @@ def test_short_run_on_generated_folder_writes_experiment(tiny_image_folder, tmp_
     summary = json.loads((exp / 'summary.json').read_text())
     assert summary['epochs'] == 2 and summary['eval_samples'] == 15 and summary['num_classes'] == 3
     assert json.loads((exp / 'classes.json').read_text()) == ['a_red', 'b_green', 'c_blue']
-    assert (exp / 'total_config.py').exists() and (exp / 'ckpt' / 'ckpt_best.pth.tar').exists()
+    from dizoo_imgcls.checkpoint import load_checkpoint
+    from dizoo_imgcls.config import load_config_file
+    saved = load_config_file(str(exp / 'total_config.py'))  # the run's settings, loadable again by --config
+    assert (saved['seed'], saved['data']['root'], saved['data']['image_size'], saved['resume']) == (
+        1, tiny_image_folder, 32, None)
+    best = load_checkpoint(str(exp / 'ckpt' / 'ckpt_best.pth.tar'))
+    assert best['position']['epoch'] == summary['best_epoch'] and best['best']['metric']['acc1'] == summary['best_acc1']
     assert f'tensorboard --logdir {exp / "tb"}' in result.stdout
-    assert 'img/s' in result.stdout and 'eta' in result.stdout
-    # what the step runs on, with the precision amp='auto' resolved to on this CPU
-    from dizoo_imgcls.policy.image_classification import resolve_amp_dtype
-    amp = resolve_amp_dtype('auto', 'cpu')
-    precision = f'{str(amp).replace("torch.", "")} autocast' if amp else 'fp32'
+    # a line every log_every=2 iterations, and one per epoch whose ETA runs out at the end
+    per_epoch = int(re.search(r'(\d+) iterations per epoch', result.stdout).group(1))
+    assert re.findall(r' iter (\d+)/(\d+) ', result.stdout) == [
+        (str(i), str(2 * per_epoch)) for i in range(2, 2 * per_epoch + 1, 2)]
+    epochs = re.findall(r'epoch (\d) done in \d:\d\d:\d\d: loss [\d.]+ acc1 [\d.]+, [\d.]+ img/s, data wait \d+%'
+                        r'(?:, peak memory \d+ MiB)?, eta (\d:\d\d:\d\d)\n', result.stdout)
+    assert [epoch for epoch, _ in epochs] == ['1', '2'] and epochs[-1][1] == '0:00:00', result.stdout
+    # what the step runs on: amp='auto' is bf16 on a CPU with native bf16 dot products (AVX512-BF16 or AMX)
+    bf16 = cpu_has_fast_bf16()
+    precision = {True: 'bfloat16 autocast', False: 'fp32', None: '(bfloat16 autocast|fp32)'}[bf16]
     assert re.search(rf'training on cpu \(\d+ threads\), {precision}, channels_last\n', result.stdout), result.stdout
+
+
+def cpu_has_fast_bf16():
+    """Whether /proc/cpuinfo lists AVX512-BF16 or AMX tiles; None where there is no /proc/cpuinfo."""
+    if not os.path.isfile('/proc/cpuinfo'):
+        return None
+    with open('/proc/cpuinfo') as f:
+        flags = set(next((line for line in f if line.startswith('flags')), '').split())
+    return bool(flags & {'avx512_bf16', 'amx_tile'})
 
 
 @pytest.mark.slow  # > ~10 s on 2 cores
