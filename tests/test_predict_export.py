@@ -3,9 +3,11 @@ import csv
 import importlib.util
 import io
 import json
+import logging
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -13,12 +15,12 @@ import torch
 from PIL import Image
 
 from conftest import REPO
-from dizoo_imgcls.checkpoint import CHECKPOINT_FORMAT, atomic_torch_save, load_checkpoint, rng_state, to_plain
-from dizoo_imgcls.config import default_config
+from dizoo_imgcls.checkpoint import CHECKPOINT_FORMAT, atomic_torch_save, load_checkpoint, step_checkpoints
+from dizoo_imgcls.config import build_config
 from dizoo_imgcls.data import build_datasets
 from dizoo_imgcls.model import IMAGENET_MEAN, IMAGENET_STD
-from dizoo_imgcls.policy import ImageClassificationPolicy
 from dizoo_imgcls.predict import EvalReader, checkpoint_class_names, load_model_from_checkpoint
+from dizoo_imgcls.train import train
 
 COLOURS = {'a_red': (200, 30, 30), 'b_green': (30, 200, 30), 'c_blue': (30, 30, 200)}
 DISPLAY = ['red', 'green', 'blue']
@@ -36,47 +38,44 @@ def colour_image(colour, rng, size=(40, 48)):
     return np.clip(np.array(colour) + rng.normal(0, 20, (*size, 3)), 0, 255).astype(np.uint8)
 
 
-def settle_batchnorm(model, batches):
-    """BN running statistics as the plain average over the training batches: after 6 steps the default
-    momentum leaves them half-way from their initial values, and eval mode would be needlessly unsure."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None
-    model.train()
-    with torch.no_grad():
-        for images in batches:
-            model(images)
+@contextmanager
+def logging_restored(name='dizoo_imgcls'):
+    """A run in this process sets up its logger (console + train.log); the tests after it get the logger back."""
+    log = logging.getLogger(name)
+    saved = log.handlers[:], log.level, log.propagate
+    try:
+        yield
+    finally:
+        for handler in log.handlers[:]:
+            log.removeHandler(handler)
+            if handler not in saved[0]:
+                handler.close()
+        for handler in saved[0]:
+            log.addHandler(handler)
+        log.setLevel(saved[1])
+        log.propagate = saved[2]
 
 
 @pytest.fixture(scope='module')
 def checkpoint_path(tmp_path_factory):
-    """A checkpoint in the documented layout of a ResNet-18 trained for a few steps on colour = class."""
-    torch.manual_seed(0)
-    cfg = default_config()
-    cfg.data.image_size = IMAGE_PX
-    cfg.policy.cuda = False
-    cfg.policy.model.num_classes = len(COLOURS)
-    cfg.policy.learn.update(dict(batch_size=12, iters_per_epoch=6, train_epoch=1, warmup_epochs=0, amp='none',
-                                 lr_per_256=1.0, ema=dict(enabled=True, decay=0.5, every_n_iters=1)))
-    policy = ImageClassificationPolicy(cfg.policy, enable_field=['learn'])
+    """The last checkpoint of a real run, as the run writes it: a ResNet-18 trained in process for one epoch (6 steps)
+    on generated colour = class images at 32 px, with an EMA of its weights and the display names of a synset-word
+    file."""
+    root, out = tmp_path_factory.mktemp('colours'), tmp_path_factory.mktemp('runs')
     rng = np.random.default_rng(0)
-    labels = torch.arange(12) % len(COLOURS)
-    batches = []
-    for _ in range(cfg.policy.learn.iters_per_epoch):
-        pixels = [colour_image(list(COLOURS.values())[c], rng, (IMAGE_PX, IMAGE_PX)) for c in labels.tolist()]
-        batches.append(torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous())
-        policy.learn_mode.forward([batches[-1], labels])
-    settle_batchnorm(policy._model, batches)
-    state = {
-        'format': CHECKPOINT_FORMAT, 'policy': policy.learn_mode.state_dict(),
-        'last_iter': cfg.policy.learn.iters_per_epoch, 'position': {'epoch': 1, 'batch': 0}, 'rng': rng_state(),
-        'best': {'metric': None, 'epoch': 0}, 'history': [], 'config': to_plain(cfg),
-        'class_names': list(COLOURS), 'display_names': DISPLAY,
-    }
-    path = str(tmp_path_factory.mktemp('ckpt') / 'iteration_6.pth.tar')
-    atomic_torch_save(state, path)
-    return path
+    for split, count in (('train', 24), ('val', 2)):
+        for cls, colour in COLOURS.items():
+            for i in range(count):
+                save_colour(root / split / cls / f'{i}.jpg', colour, rng, (IMAGE_PX, IMAGE_PX))
+    (root / 'LOC_synset_mapping.txt').write_text(''.join(f'{c} {d}\n' for c, d in zip(COLOURS, DISPLAY)))
+    settings = [f'data.root="{root}"', f'output_dir="{out}"', 'exp_name="colours"', f'data.image_size={IMAGE_PX}',
+                'data.num_workers=0', 'policy.cuda=False', 'policy.learn.batch_size=12', 'policy.learn.train_epoch=1',
+                'policy.learn.warmup_epochs=0', 'policy.learn.amp="none"', 'policy.learn.lr_per_256=1.0',
+                'policy.learn.ema.enabled=True', 'policy.learn.ema.decay=0.5']
+    with logging_restored():
+        summary = train(build_config({}, settings))
+    assert summary['acc1'] == 100.0  # the colours were learned (the tests below rely on it)
+    return step_checkpoints(os.path.join(summary['exp_dir'], 'ckpt'))[-1]
 
 
 def save_colour(path, colour, rng, size=(40, 48)):
