@@ -1,6 +1,7 @@
 """Every use of DI-engine's policy registry, ``BaseLearner`` and ``MetricSerialEvaluator`` beyond their documented
 calls, in one place. ``tests/test_ding_adapter.py`` checks each against the installed DI-engine, so that a release that changes
 one fails there, by name, instead of somewhere in a run."""
+import logging
 from typing import Any, Dict, Optional
 
 from ding.policy import Policy, create_policy
@@ -8,7 +9,7 @@ from ding.utils import deep_merge_dicts
 from ding.worker import BaseLearner, MetricSerialEvaluator
 from easydict import EasyDict
 
-from .runtime import NullWriter
+from .runtime import NullWriter, quiet_write_errors
 
 # DI-engine's default learner hooks that the run replaces: TrainLoggerHook prints the same numbers as one line
 # (plus img/s), and every checkpoint comes from the run's CheckpointManager (atomic, full state).
@@ -40,7 +41,9 @@ def make_learner(cfg: EasyDict, learn_mode, tb, rank: int, exp_name: str) -> Bas
     """A learner for this rank. World size 1 whatever the job's: with more, DI-engine adds its LogReduceHook, which
     all-reduces the log values on cuda:rank (failing on CPU); DDP already syncs the gradients, and TrainLoggerHook
     reports the global img/s. DI-engine writes its text log under ``./{exp_name}/log``."""
-    return BaseLearner(cfg, learn_mode, tb, dist_info=(rank, 1), exp_name=exp_name)
+    learner = BaseLearner(cfg, learn_mode, tb, dist_info=(rank, 1), exp_name=exp_name)
+    _text_log_only('learner_logger')
+    return learner
 
 
 def make_evaluator(cfg: EasyDict, val_loader, metric, eval_mode, exp_name: str) -> MetricSerialEvaluator:
@@ -49,7 +52,17 @@ def make_evaluator(cfg: EasyDict, val_loader, metric, eval_mode, exp_name: str) 
     cfg = EasyDict(dict(cfg))
     if cfg.stop_value is None:
         cfg.stop_value = float('-inf') if metric.lower_is_better else float('inf')
-    return MetricSerialEvaluator(cfg, [val_loader, metric], eval_mode, NullWriter(), exp_name=exp_name)
+    evaluator = MetricSerialEvaluator(cfg, [val_loader, metric], eval_mode, NullWriter(), exp_name=exp_name)
+    _text_log_only('evaluator_logger')
+    return evaluator
+
+
+def _text_log_only(name: str) -> None:
+    """DI-engine's tables stay in its text log (``{exp_name}/log/*``); the console gets our one-line summaries
+    instead, and a full disk there is not a second error."""
+    ding_logger = logging.getLogger(name)
+    ding_logger.propagate = False
+    quiet_write_errors(ding_logger)
 
 
 def restore_best(evaluator: MetricSerialEvaluator, best: Optional[Dict[str, Any]]) -> None:

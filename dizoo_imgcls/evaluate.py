@@ -3,18 +3,19 @@ import csv
 import logging
 import math
 import os
+import shutil
+import tempfile
 from typing import Dict, Iterable, List
 
 import torch
 from easydict import EasyDict
 
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, rebuild_checkpoint_model, require_key
 from .config import ConfigError, apply_override, build_config, check_image_sizes
 from .data import build_eval_data, shutdown_workers
 from .errors import SettingError
+from .ding_adapter import evaluator_config, make_evaluator, make_policy
 from .metric import DiagnosticMetric
-from .policy import ImageClassificationPolicy
-from .predict import require_key, rebuild_checkpoint_model
 from .runtime import init_distributed, setup_logging
 
 logger = logging.getLogger('dizoo_imgcls')
@@ -50,9 +51,15 @@ def config_from_checkpoint(state: Dict, path: str, data_root: str, overrides: It
     return cfg
 
 
-def evaluate_pass(eval_policy, loader, metric: DiagnosticMetric):
-    """One pass over ``loader``: (metrics, confusion[true, predicted]) summed over all ranks."""
-    metrics = metric.reduce_mean([metric.eval(eval_policy.forward(images), labels) for images, labels in loader])
+def evaluate_pass(eval_mode, loader, metric: DiagnosticMetric, log_dir: str):
+    """One pass over ``loader`` by DI-engine's evaluator, as in training: (metrics, confusion[true, predicted])
+    summed over all ranks. DI-engine writes its text log under ``log_dir/log``."""
+    evaluator = make_evaluator(evaluator_config({'multi_gpu': False, 'stop_value': None}), loader, metric, eval_mode,
+                               os.path.relpath(log_dir))
+    try:
+        _, metrics = evaluator.eval(None, train_iter=0)
+    finally:
+        evaluator.close()
     return metrics, metric.last_diagnostics.confusion
 
 
@@ -97,14 +104,20 @@ def evaluate_checkpoint(path: str, data_root: str, overrides: Iterable[str] = ()
     except SettingError as e:  # the classes differ
         raise CheckpointError(f'{path}: {e}') from None
     cfg.policy.learn.iters_per_epoch = 1
-    policy = ImageClassificationPolicy(cfg.policy, model=model, enable_field=['eval'])
+    policy = make_policy(cfg.policy, model=model, enable_field=['eval'])
     metric = DiagnosticMetric('acc1', len(names), data.val_sampler)  # a head may be larger than the class list
-    metrics, confusion = evaluate_pass(policy.eval_mode, data.val_loader, metric)
-    shutdown_workers(data.val_loader)
+    out_dir = report_dir(path)
+    # Only rank 0 writes into the report folder; the other ranks' DI-engine logs go to a folder removed after.
+    log_dir = out_dir if rank == 0 else tempfile.mkdtemp(prefix=f'dizoo_imgcls_eval_rank{rank}_')
+    try:
+        metrics, confusion = evaluate_pass(policy.eval_mode, data.val_loader, metric, log_dir)
+    finally:
+        shutdown_workers(data.val_loader)
+        if rank != 0:
+            shutil.rmtree(log_dir, ignore_errors=True)
     if not math.isfinite(metrics['loss']):
         logger.warning(f'{path}: the loss is {metrics["loss"]}: the weights give non-finite outputs (a diverged '
                        'run?), so the accuracies mean little')
-    out_dir = report_dir(path)
     if rank == 0:
         setup_logging(None, rank)
         write_reports(out_dir, names, confusion)

@@ -21,7 +21,9 @@ from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from .data import DataLayoutError, class_index, find_display_names
 from .data.folder import check_split_classes, scan_split
 from .errors import SettingError
-from .predict import EvalReader, load_model_from_checkpoint, predict_files
+from .checkpoint import load_model_from_checkpoint
+from .inference import InferenceRunner
+from .predict import EvalReader, predict_files
 from .runtime import setup_logging
 
 logger = logging.getLogger('dizoo_imgcls')
@@ -97,8 +99,8 @@ def predict_probabilities(checkpoint: str, paths: Sequence[str],
     model, config, names = load_model_from_checkpoint(checkpoint)
     probs = np.zeros((len(paths), len(names)), dtype=np.float64)
     readable = np.zeros(len(paths), dtype=bool)
-    predictions = predict_files(model, EvalReader(config['data']), names, paths, topk=len(names),
-                                batch_size=batch_size)
+    predictions = predict_files(InferenceRunner(model), EvalReader(config['data']), names, paths,
+                                topk=len(names), batch_size=batch_size)
     for i, prediction in enumerate(predictions):
         if prediction.error is None:
             for index, _, probability in prediction.top:

@@ -12,17 +12,14 @@ from dataclasses import dataclass
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, TextIO, Tuple
 
 import torch
-import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
-from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint, one_line
-from .config import get_dotted
 from .data.decode import UnreadableImageError, read_image_file, resolve_decoder
 from .data.folder import DataLayoutError, list_image_files
 from .data.loader import collate_images
 from .data.transforms import EvalPreset, eval_image_size
 from .errors import SettingError
-from .model import InputNormalize, build_model_from_cfg
+from .inference import InferenceRunner
 
 
 @dataclass
@@ -31,84 +28,6 @@ class Prediction:
     path: str
     top: List[Tuple[int, str, float]]  # (class index, class name, probability), most likely first
     error: Optional[str] = None  # why the file was skipped; ``top`` is empty then
-
-
-def require_key(tree: Dict[str, Any], dotted: str, path: str) -> Any:
-    try:
-        return get_dotted(tree, dotted)
-    except KeyError:
-        raise CheckpointError(f"{path} has no '{dotted}' (expected a {CHECKPOINT_FORMAT} checkpoint)") from None
-
-
-def checkpoint_class_names(state: Dict[str, Any], path: str) -> List[str]:
-    """Human-readable names in class-index order: ``display_names`` when stored, else the folder names."""
-    names = state.get('display_names')
-    names = require_key(state, 'class_names', path) if names is None else names
-    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
-        raise CheckpointError(f'{path}: class names must be a list of strings, got {type(names).__name__}')
-    return list(names)
-
-
-WEIGHTS = ('model', 'ema')
-
-
-def stored_weights(state: Dict[str, Any], path: str, weights: str = 'model') -> Dict[str, torch.Tensor]:
-    """The trained weights (``model``), or their exponential moving average (``ema``, when the run kept one
-    with ``policy.learn.ema.enabled``) as a plain model state dict."""
-    if weights not in WEIGHTS:
-        raise CheckpointError(f'weights must be one of {WEIGHTS}, got {weights!r}')
-    if weights == 'model':
-        return require_key(state, 'policy.model', path)
-    ema = state.get('policy', {}).get('ema') if isinstance(state.get('policy'), dict) else None
-    if ema is None:
-        raise CheckpointError(f'{path} holds no EMA weights (the run did not set policy.learn.ema.enabled=True); '
-                              'use the model weights')
-    # torch.optim.swa_utils.AveragedModel keys: module.<name>, plus its update counter n_averaged
-    return {k[len('module.'):]: v for k, v in ema.items() if k.startswith('module.')}
-
-
-def load_model_from_checkpoint(path: str, weights: str = 'model') -> Tuple[nn.Module, Dict[str, Any], List[str]]:
-    """``(model in eval mode on CPU, compiled config, class names)`` from one of our checkpoints of an image
-    classifier; ``weights`` 'ema' takes the weight average instead of the trained weights.
-
-    Every problem (missing file, pickled code, another format, weights that do not fit the stored model
-    config) raises ``CheckpointError`` with a one-line message that names ``path``."""
-    model, config, class_names = rebuild_checkpoint_model(path, weights)
-    if not any(isinstance(m, InputNormalize) for m in model.modules()):
-        raise CheckpointError(f"{path}: model {config['policy']['model'].get('name')!r} does not take images (it "
-                              f'has no InputNormalize input layer); only image classifiers can predict or export')
-    return model.eval(), config, class_names
-
-
-def rebuild_checkpoint_model(path: str, weights: str = 'model',
-                             state: Optional[Dict[str, Any]] = None) -> Tuple[nn.Module, Dict[str, Any], List[str]]:
-    """``(model on CPU, compiled config, class names)`` of any of our checkpoints, every part checked (see
-    ``load_model_from_checkpoint``); ``state``: the file's content when already loaded."""
-    state = load_checkpoint(path) if state is None else state
-    if not isinstance(state, dict) or state.get('format') != CHECKPOINT_FORMAT:
-        found = state.get('format') if isinstance(state, dict) else type(state).__name__
-        raise CheckpointError(f'{path} is not a dizoo_imgcls checkpoint (format {found!r}, '
-                              f'expected {CHECKPOINT_FORMAT!r})')
-    config = require_key(state, 'config', path)
-    model_cfg = require_key(config, 'policy.model', path)
-    for key in ('data.image_size', 'data.eval_crop_ratio', 'data.jpeg_draft', 'data.decoder'):  # EvalReader
-        require_key(config, key, path)
-    state_dict = stored_weights(state, path, weights)
-    class_names = checkpoint_class_names(state, path)
-    num_classes = model_cfg.get('num_classes')
-    if not isinstance(num_classes, int) or num_classes < len(class_names):
-        raise CheckpointError(f"{path}: policy.model.num_classes is {num_classes!r} but "
-                              f'{len(class_names)} class names are stored')
-    # A run may train a head larger than its folder's classes (policy.model.num_classes set by hand): its
-    # extra outputs were never a target, and get a name that says so.
-    class_names = class_names + [f'(unused output {i})' for i in range(len(class_names), num_classes)]
-    try:
-        model = build_model_from_cfg(dict(model_cfg, pretrained=None))  # the weights are the checkpoint's
-        model.load_state_dict(state_dict)
-    except (KeyError, ValueError, RuntimeError) as e:  # unknown model name, bad kwargs, mismatched weights
-        raise CheckpointError(f"{path}: cannot rebuild model {model_cfg.get('name')!r} from the stored config "
-                              f'and weights: {one_line(e)}') from None
-    return model, config, class_names
 
 
 class EvalReader:
@@ -187,27 +106,20 @@ def _collate(items):
     return [i for i, _ in good], images, bad
 
 
-@torch.inference_mode()
-def top_probabilities(model: nn.Module, images: torch.Tensor, topk: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(probabilities, class indices)``, each ``(N, k)``, most likely first; k is clamped to the classes."""
-    device = next(model.parameters()).device
-    probs = torch.softmax(model(images.to(device)).float(), dim=1)
-    return probs.topk(min(topk, probs.shape[1]), dim=1)
-
-
 NON_FINITE = "the model's outputs are not finite numbers (weights of a diverged run?)"
 
 
-def predict_files(model: nn.Module, reader: EvalReader, class_names: Sequence[str], paths: Sequence[str],
+def predict_files(runner: InferenceRunner, reader: EvalReader, class_names: Sequence[str], paths: Sequence[str],
                   topk: int = 5, batch_size: int = 32, num_workers: int = 0) -> Iterator[Prediction]:
     """One ``Prediction`` per path, in input order (with ``error`` set for a file that cannot be read),
-    running ``batch_size`` images at a time, decoded in ``num_workers`` processes (0: this one)."""
+    running ``batch_size`` images at a time through ``runner``, decoded in ``num_workers`` processes (0: this
+    one)."""
     loader = DataLoader(_ImageFiles(paths, reader), batch_size=batch_size, num_workers=num_workers,
                         collate_fn=_collate)
     for indices, images, bad in loader:
         results = {i: Prediction(paths[i], [], reason) for i, reason in bad}
         if images is not None:
-            probs, classes = top_probabilities(model, images, topk)
+            probs, classes = runner.top_probabilities(images, topk)
             finite = torch.isfinite(probs).all(dim=1).tolist()
             for row, i in enumerate(indices):
                 if not finite[row]:  # NaN weights (a diverged run) would print NaN, which is not JSON

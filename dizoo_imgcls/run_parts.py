@@ -23,7 +23,7 @@ from .hooks import LossGuardHook, TrainingDiverged, TrainLoggerHook
 from .metric import DiagnosticMetric
 from .run_state import RunState
 from .runtime import (LazyWriter, NullWriter, elastic_restart_count, experiment_dir, init_distributed,
-                      quiet_write_errors, release_experiment_dir, remove_restart_marker, set_deterministic,
+                      release_experiment_dir, remove_restart_marker, set_deterministic,
                       setup_logging)
 from .signals import worker_leaves_sigterm_to_the_run
 from .tb_visuals import TensorBoardVisuals
@@ -102,10 +102,6 @@ class RunParts:
         self.learner.register_hook(self.log_hook)
         self.evaluator = make_evaluator(cfg.policy.eval.evaluator, self.data.val_loader, self.metric,
                                         self.policy.eval_mode, exp_name)
-        for ding_logger in ('learner_logger', 'evaluator_logger'):
-            # DI-engine's tables stay in exp_dir/log/*; the console gets our one-line summaries instead.
-            logging.getLogger(ding_logger).propagate = False
-            quiet_write_errors(logging.getLogger(ding_logger))
         # TensorBoard image and per-class panels (rank 0); the run calls eval callbacks on rank 0 only.
         self.visuals = TensorBoardVisuals(self.tb, self.data, self.metric, self.rank)
         self.data.eval_callbacks.append(self.visuals)

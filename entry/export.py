@@ -46,7 +46,7 @@ def main(argv=None) -> int:
 def run(args: argparse.Namespace) -> int:
     """The command; a ``UserError`` it raises is reported by ``main`` as one line (``ExportError``: exit 1)."""
     from dizoo_imgcls.export import TRACE_BATCH, VERIFY_BATCH, export_model, refuse_overwriting_input
-    from dizoo_imgcls.predict import load_model_from_checkpoint
+    from dizoo_imgcls.checkpoint import load_model_from_checkpoint
 
     refuse_overwriting_input(args.output, args.checkpoint)
     model, config, class_names = load_model_from_checkpoint(args.checkpoint, args.weights)

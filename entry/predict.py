@@ -58,8 +58,9 @@ def run(args: argparse.Namespace) -> int:
     by ``main`` as one line."""
     import torch
 
-    from dizoo_imgcls.predict import (EvalReader, find_images, load_model_from_checkpoint, predict_files,
-                                      printable_path, write_predictions)
+    from dizoo_imgcls.checkpoint import load_model_from_checkpoint
+    from dizoo_imgcls.inference import InferenceRunner
+    from dizoo_imgcls.predict import EvalReader, find_images, predict_files, printable_path, write_predictions
 
     model, config, class_names = load_model_from_checkpoint(args.checkpoint, args.weights)
     reader = EvalReader(config['data'])
@@ -77,8 +78,9 @@ def run(args: argparse.Namespace) -> int:
     paths, problems = find_images(args.input)
     for path, reason in problems:
         print(f'skipped {printable_path(path)}: {reason}', file=sys.stderr)
-    predictions = predict_files(model.to(device), reader, class_names, paths, topk=args.topk,
-                                batch_size=args.batch_size, num_workers=args.workers)
+    runner = InferenceRunner(model.to(device), device)  # float32, as the exported model computes
+    predictions = predict_files(runner, reader, class_names, paths, topk=args.topk, batch_size=args.batch_size,
+                                num_workers=args.workers)
     predicted, _ = write_predictions(predictions, args.format, sys.stdout, sys.stderr)
     # An input that is not there (or no file or folder at all) is a mistake on the command line: exit 2.
     bad_inputs = [path for path, _ in problems if not os.path.isdir(path)]

@@ -8,13 +8,15 @@ from dizoo_imgcls.config import default_config
 from dizoo_imgcls.policy import ImageClassificationPolicy, lr_schedule_curve, resolve_amp_dtype, scaled_lr
 
 
-def make_policy(**learn):
+def make_policy(eval=None, **learn):
+    """A 4-class ResNet-18 policy on CPU with ``learn`` keys set (and the ``eval`` section updated by ``eval``)."""
     cfg = default_config().policy
     cfg.cuda = False
     cfg.model.num_classes = 4
     cfg.learn.update(dict(batch_size=8, train_epoch=2, iters_per_epoch=5, warmup_epochs=0, amp='none',
                           lr_per_256=3.2, weight_decay=1e-4))
     cfg.learn.update(learn)
+    cfg.eval.update(eval or {})
     return ImageClassificationPolicy(cfg, enable_field=['learn', 'eval'])
 
 

@@ -15,11 +15,12 @@ import torch
 from PIL import Image
 
 from conftest import REPO
-from dizoo_imgcls.checkpoint import CHECKPOINT_FORMAT, atomic_torch_save, load_checkpoint, step_checkpoints
+from dizoo_imgcls.checkpoint import (CHECKPOINT_FORMAT, atomic_torch_save, checkpoint_class_names, load_checkpoint,
+                                     load_model_from_checkpoint, step_checkpoints)
 from dizoo_imgcls.config import build_config
 from dizoo_imgcls.data import build_datasets
 from dizoo_imgcls.model import IMAGENET_MEAN, IMAGENET_STD
-from dizoo_imgcls.predict import EvalReader, checkpoint_class_names, load_model_from_checkpoint
+from dizoo_imgcls.predict import EvalReader
 from dizoo_imgcls.train import train
 
 COLOURS = {'a_red': (200, 30, 30), 'b_green': (30, 200, 30), 'c_blue': (30, 30, 200)}

@@ -12,8 +12,8 @@ from dizoo_imgcls.data.transforms import ProgressiveResize, TrainPreset
 from dizoo_imgcls.metric import DiagnosticMetric, ImageClassificationMetric
 from dizoo_imgcls.model import create_model
 from dizoo_imgcls.model.tweaks import BlurConv2d, BlurPool
-from dizoo_imgcls.policy.recipe import (BatchMixer, ExponentialMovingAverage, average_probabilities, eval_outputs,
-                                        tta_views)
+from dizoo_imgcls.inference import average_probabilities, eval_outputs, tta_views
+from dizoo_imgcls.policy.recipe import BatchMixer, ExponentialMovingAverage
 from test_policy import fixed_batch, make_policy
 
 
@@ -167,8 +167,7 @@ def test_metric_reports_each_variant_and_skips_ignored_samples():
 
 
 def test_policy_eval_gives_tta_and_ema_variants_and_ema_is_checkpointed():
-    policy = make_policy(ema=dict(enabled=True, decay=0.5, every_n_iters=1))
-    policy._cfg.eval.tta = dict(flip=True, scales=[])
+    policy = make_policy(eval=dict(tta=dict(flip=True, scales=[])), ema=dict(enabled=True, decay=0.5, every_n_iters=1))
     batch = fixed_batch()
     for _ in range(3):
         policy.learn_mode.forward(batch)
@@ -318,7 +317,7 @@ def val_probabilities(path, weights, scale_px):
     channels_last, its autocast): ``{'': plain, '_tta': mean over image, mirror, rescaled copy, 'labels': ...}``."""
     from dizoo_imgcls.data import build_datasets
     from dizoo_imgcls.policy.image_classification import resolve_amp_dtype
-    from dizoo_imgcls.predict import load_model_from_checkpoint
+    from dizoo_imgcls.checkpoint import load_model_from_checkpoint
 
     model, config, _ = load_model_from_checkpoint(path, weights)
     model = model.to(memory_format=torch.channels_last)
@@ -378,7 +377,7 @@ def test_short_run_with_every_technique_enabled(tiny_image_folder, tmp_path):
     assert int(state['policy']['ema']['n_averaged']) == state['last_iter']  # one EMA update per step
     assert len(state['history']) == 2  # the EMA + TTA metric decided the best checkpoint, TTA in every eval
     # the timm model comes back from its checkpoint for predict/export, with its anti-aliasing
-    from dizoo_imgcls.predict import load_model_from_checkpoint
+    from dizoo_imgcls.checkpoint import load_model_from_checkpoint
 
     model, _, classes = load_model_from_checkpoint(str(last))
     assert type(model.backbone).__module__ == 'timm.models.resnet' and len(classes) == 3

@@ -11,7 +11,8 @@ from ding.utils import POLICY_REGISTRY
 
 from ..errors import SettingError
 from ..model import build_model_from_cfg, classifier_head_prefix
-from .recipe import BatchMixer, ExponentialMovingAverage, eval_outputs, soft_target_accuracy
+from ..inference import InferenceRunner
+from .recipe import BatchMixer, ExponentialMovingAverage, soft_target_accuracy
 from .optim import (build_lr_scheduler, build_optimizer, optimizer_options, param_groups_no_bn_bias_decay,
                     scaled_lr)
 
@@ -371,28 +372,21 @@ class ImageClassificationPolicy(Policy):
 
     def _init_eval(self) -> None:
         self._set_device()
-        self._eval_model = self._model
-        # The training run switches TTA off for intermediate evaluations unless tta.every_eval is set.
-        self._tta_active = True
-
-    def _eval_models(self) -> Dict[str, nn.Module]:
+        self._eval_model = self._model  # DI-engine's name for it (get_attribute('eval_model'))
         models = {'': self._eval_model}
         ema = getattr(self, '_ema', None)  # learn mode's EMA, when this policy also trains
         if ema is not None:
             models['ema'] = ema.module
-        return models
+        tta = self._cfg.eval.tta
+        self._runner = InferenceRunner(models, self._device, self._amp_dtype, self._cfg.learn.channels_last,
+                                       tta.flip, tta.scales)
+        # The training run switches TTA off for intermediate evaluations unless tta.every_eval is set.
+        self._tta_active = True
 
     def _forward_eval(self, data: torch.Tensor) -> Dict[str, torch.Tensor]:
         """``{'logit': logits}`` (float32, CPU), plus ``logit_tta`` with test-time augmentation and
         ``logit_ema`` / ``logit_ema_tta`` for the weight average when there is one."""
-        models = self._eval_models()
-        for model in models.values():
-            model.eval()
-        tta = self._cfg.eval.tta
-        flip, scales = (tta.flip, tta.scales) if self._tta_active else (False, [])
-        with torch.no_grad(), self._autocast():
-            out = eval_outputs(models, self._to_input(data), flip, scales)
-        return {key: value.float().cpu() for key, value in out.items()}
+        return self._runner(data, tta=self._tta_active)
 
     def _state_dict_eval(self) -> Dict[str, Any]:
         return {'model': self._model.state_dict()}

@@ -1,10 +1,9 @@
-"""Training-recipe pieces the policy composes: Mixup/CutMix on a batch, an EMA of the weights, and
-test-time augmentation."""
-from typing import Dict, List, Optional, Sequence, Tuple
+"""Training-recipe pieces the policy composes: Mixup/CutMix on a batch and an EMA of the weights (test-time
+augmentation is inference's: ``dizoo_imgcls/inference.py``)."""
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
 from torchvision.transforms import v2
 
@@ -72,47 +71,6 @@ class ExponentialMovingAverage(AveragedModel):
         for a, c in zip(averaged, current):  # integer buffers (BN's num_batches_tracked) are copied
             if not a.is_floating_point():
                 a.copy_(c)
-
-
-def tta_views(images: torch.Tensor, flip: bool, scales: Sequence[float]) -> List[torch.Tensor]:
-    """The batch as the model sees it under TTA: itself, its mirror image, and each rescaled copy
-    (antialiased bilinear, the side rounded to a multiple of 8 px). Only image batches (N x C x H x W) have
-    views: TTA on other inputs (the overfit check's coordinates) is refused, not silently meaningless."""
-    if (flip or scales) and images.dim() != 4:
-        raise SettingError(f'policy.eval.tta (flip / scales) needs image batches (N x C x H x W), got inputs of '
-                           f'shape {tuple(images.shape)}; turn test-time augmentation off for this data')
-    views = [images]
-    if flip:
-        views.append(images.flip(-1))
-    for scale in scales:
-        side = max(8, int(round(images.shape[-1] * scale / 8)) * 8)
-        resized = F.interpolate(images.float(), size=(side, side), mode='bilinear', antialias=scale < 1,
-                                align_corners=False)
-        views.append(resized.contiguous(memory_format=torch.channels_last)
-                     if images.is_contiguous(memory_format=torch.channels_last) else resized)
-    return views
-
-
-def average_probabilities(logits: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Log of the mean softmax over views: argmax is the TTA prediction and cross-entropy on it is the
-    loss of the averaged probabilities."""
-    probs = torch.stack([torch.softmax(x.float(), dim=1) for x in logits]).mean(dim=0)
-    return probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
-
-
-def eval_outputs(models: Dict[str, nn.Module], images: torch.Tensor, flip: bool,
-                 scales: Sequence[float]) -> Dict[str, torch.Tensor]:
-    """``{'logit': ..., 'logit_tta': ..., 'logit_ema': ..., 'logit_ema_tta': ...}`` for each model (key '' is
-    the trained model, 'ema' its average) and, when TTA is on, its TTA prediction."""
-    views = tta_views(images, flip, scales) if (flip or scales) else [images]
-    out = {}
-    for name, model in models.items():
-        logits = [model(view).float() for view in views]
-        prefix = f'logit_{name}' if name else 'logit'
-        out[prefix] = logits[0]
-        if len(views) > 1:
-            out[f'{prefix}_tta'] = average_probabilities(logits)
-    return out
 
 
 def soft_target_accuracy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
