@@ -354,12 +354,19 @@ def check_run_settings(cfg: EasyDict) -> None:
 
 
 def prepare_config(cfg: EasyDict, data) -> None:
-    """Fill in what the data decides: class count and iterations per epoch; refuse test-time augmentation of
-    samples that are not images (before any folder is made)."""
-    tta = cfg.policy.eval.tta
-    if not data.images and (tta.flip or tta.scales):
+    """Fill in what the data decides: class count and iterations per epoch; check the settings against what the
+    data source supports (``data.capabilities``), before any folder is made."""
+    tta, can = cfg.policy.eval.tta, data.capabilities
+    if not can.images and (tta.flip or tta.scales):
         raise SettingError(f"policy.eval.tta needs images; data.type='{cfg.data.type}' gives other samples: leave "
                            'policy.eval.tta.flip and policy.eval.tta.scales off')
+    if not can.images and cfg.policy.learn.channels_last:
+        raise SettingError(f"policy.learn.channels_last is a memory layout of image batches; data.type="
+                           f"'{cfg.data.type}' gives other samples: set it to False")
+    if not can.progressive_resize and (cfg.data.get('progressive_resize') or {}).get('start_scale'):
+        raise SettingError(f"data.progressive_resize needs a train transform that changes size per epoch; "
+                           f"data.type '{cfg.data.type}' does not support it: set data.progressive_resize."
+                           f"start_scale=None")
     if cfg.policy.model.num_classes is None:
         cfg.policy.model.num_classes = data.num_classes
     elif cfg.policy.model.num_classes < data.num_classes:

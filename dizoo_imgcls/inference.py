@@ -76,7 +76,7 @@ class InferenceRunner:
     def to_input(self, images: torch.Tensor) -> torch.Tensor:
         """``images`` on the runner's device, channels-last when asked (image batches only)."""
         images = images.to(self.device, non_blocking=True)
-        if self.channels_last and images.dim() == 4:
+        if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return images
 

@@ -151,13 +151,13 @@ class TensorBoardVisuals:
 
     def log_training_images(self, step: int = 0) -> None:
         """A grid of training images as the model gets them (augmented, epoch-0 draws), captioned by class."""
-        if self._rank != 0:
+        if self._rank != 0 or not self._data.capabilities.images:  # e.g. the OVERFIT demo's pixel coordinates
             return
         dataset = self._data.train_loader.dataset
         pictures = [(as_hwc(image), label) for image, label in
                     (dataset[i] for i in spread_indices(len(dataset), GRID_IMAGES))]
-        if not pictures or any(image is None for image, _ in pictures):
-            return  # not image data (e.g. the OVERFIT demo's pixel coordinates)
+        if not pictures:
+            return
         grid = image_grid([image for image, _ in pictures], [self.names[label] for _, label in pictures])
         self._tb.add_image(IMAGE_TAGS['train_grid'], grid, step, dataformats='HWC')
 
@@ -180,13 +180,12 @@ class TensorBoardVisuals:
         self._tb.flush()
 
     def _log_mistakes(self, mistakes, step: int) -> None:
+        if not self._data.capabilities.images:
+            return
         dataset = self._data.val_loader.dataset
         images, captions = [], []
         for mistake in mistakes:
-            image = as_hwc(dataset[mistake.index][0])
-            if image is None:
-                return  # not image data
-            images.append(image)
+            images.append(as_hwc(dataset[mistake.index][0]))
             captions.append(f'{self.names[mistake.target]} /\n{self.names[mistake.predicted]} '
                             f'({mistake.confidence:.2f})')
         if images:

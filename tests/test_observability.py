@@ -19,7 +19,7 @@ from tensorboardX import SummaryWriter
 
 from conftest import REPO
 from dizoo_imgcls import hooks
-from dizoo_imgcls.data import DistributedSampler
+from dizoo_imgcls.data import DataCapabilities, DistributedSampler
 from dizoo_imgcls.hooks import TrainLoggerHook, use_progress_bar
 from dizoo_imgcls.metric import DiagnosticMetric, EvalDiagnostics, Mistake
 from dizoo_imgcls.runtime import setup_logging
@@ -184,11 +184,11 @@ def test_pictures_have_the_right_size_and_captions_do_not_blank_the_image():
     assert spread_indices(100, 4) == [0, 33, 66, 99] and spread_indices(2, 16) == [0, 1]
 
 
-def _fake_data(images, labels):
+def _fake_data(images, labels, are_images=True):
     dataset = list(zip(images, labels))
     loader = SimpleNamespace(dataset=dataset)
     return SimpleNamespace(train_loader=loader, val_loader=loader, class_names=['n01', 'n02'],
-                           display_names=['tench', 'church'])
+                           display_names=['tench', 'church'], capabilities=DataCapabilities(images=are_images))
 
 
 def _log_visuals(tmp_path, data, metric, iteration):
@@ -215,7 +215,7 @@ def test_visuals_write_training_grid_confusion_per_class_and_mistakes(tmp_path):
 
 
 def test_visuals_skip_data_that_are_not_images(tmp_path):
-    data = _fake_data([torch.tensor([1.0, 2.0])] * 4, [0, 1, 0, 1])  # e.g. the OVERFIT demo's coordinates
+    data = _fake_data([torch.tensor([1.0, 2.0])] * 4, [0, 1, 0, 1], are_images=False)  # the OVERFIT coordinates
     metric = DiagnosticMetric(num_classes=2)
     metric.last_diagnostics = EvalDiagnostics(torch.tensor([[1, 1], [0, 2]]), [Mistake(0.8, 1, 0, 1)])
     events = _log_visuals(tmp_path, data, metric, iteration=1)

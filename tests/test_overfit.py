@@ -1,6 +1,7 @@
 """The OVERFIT demo: an MLP on pixel coordinates through the same policy, learner, evaluator and hooks as ResNet."""
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -102,12 +103,18 @@ def test_mlp_layers_follow_the_options_and_bad_options_name_their_key():
         create_model('coord_mlp', 2, input_range=0)
 
 
-def test_test_time_augmentation_on_coordinates_is_refused_before_training(tmp_path):
+@pytest.mark.parametrize('setting, message', [
+    ('policy.eval.tta.flip=True', "policy.eval.tta needs images; data.type='overfit'"),
+    ('policy.learn.channels_last=True', "channels_last is a memory layout of image batches; data.type='overfit'"),
+    ('data.progressive_resize.start_scale=0.5', "data.type 'overfit' does not support it"),
+])
+def test_settings_the_coordinates_source_does_not_support_are_refused_before_training(tmp_path, setting, message):
+    # The OVERFIT source declares DataCapabilities(images=False, progressive_resize=False); the run checks the
+    # settings against them once, in config.prepare_config.
     user = load_config_file(CONFIG)
     user['output_dir'] = str(tmp_path)
-    user['policy'].setdefault('eval', {})['tta'] = dict(flip=True)
-    with pytest.raises(ValueError, match="policy.eval.tta needs images; data.type='overfit'"):
-        train(build_config(user, source='test_overfit'))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train(build_config(user, [setting], source='test_overfit'))
     assert os.listdir(tmp_path) == []  # refused before any folder was made
 
 

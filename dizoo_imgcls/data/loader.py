@@ -73,6 +73,17 @@ class EvalEvent:
     metrics: Dict[str, float]
 
 
+@dataclass(frozen=True)
+class DataCapabilities:
+    """What a data source supports, declared by its builder and checked once, when the run's config is completed
+    (``config.prepare_config``), so that no shared module has to look at the samples to find out."""
+    # Samples are uint8 C x H x W images: test-time augmentation (flips, rescales), channels-last memory, and the
+    # image panels in TensorBoard (augmented training images, most confident mistakes) apply.
+    images: bool = True
+    # The train transform takes a new image size each epoch (data.progressive_resize).
+    progressive_resize: bool = True
+
+
 @dataclass
 class ClassificationData:
     """What a data builder returns: loaders, the train sampler (for set_epoch), class names, and optional
@@ -85,8 +96,7 @@ class ClassificationData:
     eval_callbacks: List[Callable[[EvalEvent], None]] = field(default_factory=list)
     # Human names in class order (``tench`` for ``n01440764``) where the data has a synset mapping, else None.
     display_names: Optional[List[str]] = None
-    # Whether the samples are images (C x H x W): test-time augmentation flips and rescales only those.
-    images: bool = True
+    capabilities: DataCapabilities = DataCapabilities()
 
     @property
     def num_classes(self) -> int:
@@ -158,14 +168,12 @@ def val_split(data_cfg: Dict, class_to_idx: Dict[str, int], allow_empty: bool) -
 
 
 def progressive_resize_hook(train_set, data_cfg: Dict) -> Optional[ProgressiveResize]:
-    """The per-epoch size hook for ``EpochSeededDataset`` when ``data.progressive_resize`` is on, else None."""
+    """The per-epoch size hook for ``EpochSeededDataset`` when ``data.progressive_resize`` is on, else None. Only
+    sources whose train set has a ``TrainPreset`` declare the capability (``DataCapabilities.progressive_resize``)."""
     spec = data_cfg.get('progressive_resize') or {}
-    if not spec.get('start_scale'):
-        return None
     preset = getattr(train_set, 'transform', None)
-    if not isinstance(preset, TrainPreset):
-        raise SettingError(f"data.progressive_resize needs the image-folder train transform; data.type "
-                           f"'{data_cfg['type']}' does not support it")
+    if not spec.get('start_scale') or not isinstance(preset, TrainPreset):
+        return None
     return ProgressiveResize.from_scale(preset, spec['start_scale'], data_cfg['image_size'], spec['ramp_epochs'])
 
 
@@ -180,9 +188,9 @@ def build_loaders(data_cfg: Dict, batch_size: int, eval_batch_size: int, rank: i
 
 
 def wrap_loaders(train_set, val_set, data_cfg: Dict, batch_size: int, eval_batch_size: int, rank: int,
-                 world_size: int, seed: int, class_names: List[str],
-                 display_names: Optional[List[str]] = None) -> ClassificationData:
-    """Shard samplers and DataLoaders around any pair of map-style datasets."""
+                 world_size: int, seed: int, class_names: List[str], display_names: Optional[List[str]] = None,
+                 capabilities: DataCapabilities = DataCapabilities()) -> ClassificationData:
+    """Shard samplers and DataLoaders around any pair of map-style datasets, with what the source supports."""
     workers = num_workers(data_cfg)
     common = dict(
         num_workers=workers,
@@ -204,7 +212,7 @@ def wrap_loaders(train_set, val_set, data_cfg: Dict, batch_size: int, eval_batch
     val_loader = DataLoader(val_set, batch_size=eval_batch_size, sampler=val_sampler,
                             generator=torch.Generator().manual_seed(seed), **common)
     return ClassificationData(train_loader, val_loader, train_sampler, val_sampler, list(class_names),
-                              display_names=display_names)
+                              display_names=display_names, capabilities=capabilities)
 
 
 def build_eval_data(data_cfg: Dict, class_names: List[str], eval_batch_size: int, rank: int = 0,

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from ..errors import SettingError, UserError
-from .loader import DATA_REGISTRY, ClassificationData, EvalEvent, wrap_loaders
+from .loader import DATA_REGISTRY, ClassificationData, DataCapabilities, EvalEvent, wrap_loaders
 
 logger = logging.getLogger('dizoo_imgcls')
 
@@ -188,7 +188,6 @@ def build_overfit_loaders(data_cfg: Dict, batch_size: int, eval_batch_size: int,
     train_set = PixelCoordinates.uniform_sample(mask, options['samples_per_epoch'], seed)
     val_set = PixelCoordinates.full_grid(mask)
     data = wrap_loaders(train_set, val_set, data_cfg, batch_size, eval_batch_size, rank, world_size, seed,
-                        CLASS_NAMES)
+                        CLASS_NAMES, capabilities=DataCapabilities(images=False, progressive_resize=False))
     data.eval_callbacks.append(PredictionMapLogger(mask, val_set))
-    data.images = False  # pixel coordinates
     return data

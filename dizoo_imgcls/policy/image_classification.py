@@ -196,7 +196,7 @@ class ImageClassificationPolicy(Policy):
 
     def _to_input(self, img: torch.Tensor) -> torch.Tensor:
         img = img.to(self._device, non_blocking=True)
-        if self._cfg.learn.channels_last and img.dim() == 4:
+        if self._cfg.learn.channels_last:  # image data only (config.prepare_config)
             img = img.contiguous(memory_format=torch.channels_last)
         return img
 
