@@ -361,7 +361,7 @@ def test_stale_temp_files_of_dead_writers_are_swept_at_start_up(tmp_path):
     result = run_entry(tmp_path, 'exp', 'policy.learn.train_epoch=1', resume='auto')
     assert result.returncode == 0, result.stderr[-2000:]
     assert not any(p.exists() for p in stale) and alive.exists()
-    assert f'removed 2 temporary file(s) that killed runs left' in result.stdout
+    assert 'removed 2 temporary file(s) that killed runs left' in result.stdout
 
 
 # ----- 7. SIGTERM -----

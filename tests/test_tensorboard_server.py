@@ -53,7 +53,7 @@ def wait_for_tags(port: int, plugin: str, run: str, wanted: set, server: subproc
 
 @pytest.mark.slow  # > ~10 s on 2 cores
 def test_tensorboard_serves_the_scalars_and_images_of_a_run(tiny_image_folder, tmp_path):
-    result = run_tiny(tiny_image_folder, tmp_path, 'served')
+    run_tiny(tiny_image_folder, tmp_path, 'served')
     summary = json.loads((tmp_path / 'served' / 'summary.json').read_text())
     port = free_port()
     server = subprocess.Popen(tensorboard_command(str(tmp_path), port), cwd=REPO, stdout=subprocess.DEVNULL,
