@@ -1,6 +1,6 @@
 """Every use of DI-engine's policy registry, ``BaseLearner`` and ``MetricSerialEvaluator`` beyond their documented
-calls, in one place. ``tests/test_ding_adapter.py`` checks each against the installed DI-engine, so that a release that changes
-one fails there, by name, instead of somewhere in a run."""
+calls, in one place. ``tests/test_ding_adapter.py`` checks each against the installed DI-engine, so that a release
+that changes one fails there, by name, instead of somewhere in a run."""
 import logging
 from typing import Any, Dict, Optional
 

@@ -196,7 +196,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     imagenet.add_argument('--dry-run', action='store_true', help='say what would be done, change nothing')
     imagenet.add_argument('--move', action='store_true', help='move the files instead of linking them')
     imagenet.add_argument('--labels', default=None, help=f'{KAGGLE_LABELS} or {DEVKIT_LABELS} (default: search)')
-    imagenet.add_argument('--devkit', default=None, help=f'devkit data folder with {DEVKIT_META} (default: the folder of --labels, else search)')
+    imagenet.add_argument('--devkit', default=None,
+                          help=f'devkit data folder with {DEVKIT_META} (default: the folder of --labels, else search)')
     resize = sub.add_parser('resize', help='write a copy with every image at most --short-side px on its shorter side')
     resize.add_argument('--root', required=True, help='folder holding train/<class>/ and val/<class>/')
     resize.add_argument('--out', required=True, help='folder for the copy (new, empty, or an earlier copy to update)')
