@@ -14,35 +14,6 @@ DIGITS_CACHE_VERSION = 'digits_v1'
 DIGITS_IMAGE_PX = 32
 DIGITS_VAL_FRACTION = 0.2
 
-DEMO_CONFIG = dict(
-    exp_name='digits_demo',
-    data=dict(
-        image_size=DIGITS_IMAGE_PX,
-        # Mild crops only: a digit cropped to a corner is no longer that digit.
-        train_crop_scale=[0.6, 1.0],
-        # A mirrored 2 or 7 is not a 2 or 7.
-        hflip=False,
-        # The images are already the size of the crop.
-        eval_crop_ratio=1.0,
-    ),
-    policy=dict(
-        model=dict(name='resnet18'),
-        learn=dict(
-            batch_size=64,
-            train_epoch=12,
-            lr_per_256=0.8,
-            nesterov=True,
-            weight_decay=5e-5,
-            lr_schedule='onecycle',
-            warmup_epochs=2,
-            label_smoothing=0.1,
-        ),
-        eval=dict(batch_size=256),
-    ),
-    log_every=10,
-)
-
-
 def default_cache_dir() -> str:
     base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
     return os.path.join(base, 'dizoo_imgcls', DIGITS_CACHE_VERSION)

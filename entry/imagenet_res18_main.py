@@ -16,6 +16,7 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CONFIG = os.path.join(HERE, '..', 'config', 'imagenet_res18_config.py')
+DEMO_CONFIG = os.path.join(HERE, '..', 'config', 'digits_demo_config.py')
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -49,16 +50,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def compile_cfg(args: argparse.Namespace):
     from dizoo_imgcls.config import build_config, load_config_file
-    from dizoo_imgcls.demo import DEMO_CONFIG, prepare_digits
+    from dizoo_imgcls.demo import prepare_digits
     from dizoo_imgcls.errors import SettingError
 
     if args.demo:
         if args.config:
             raise SettingError('--demo and --config exclude each other')
-        user, source = dict(DEMO_CONFIG), '--demo config'
+        source = DEMO_CONFIG
     else:
         source = args.config or DEFAULT_CONFIG
-        user = load_config_file(source)
+    user = load_config_file(source)
     cfg = build_config(user, args.overrides, source)
     if args.demo and args.data_root is None:
         cfg.data.root = prepare_digits()

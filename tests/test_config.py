@@ -138,3 +138,12 @@ def test_cudnn_benchmark_follows_its_key_and_deterministic_turns_it_off():
         assert torch.backends.cudnn.benchmark is False and torch.backends.cudnn.deterministic is True
     finally:
         set_deterministic(before[0], before[1])
+
+
+def test_the_demo_config_file_matches_the_cached_digits():
+    from conftest import REPO
+    from dizoo_imgcls.demo import DIGITS_IMAGE_PX
+
+    demo = build_config(load_config_file(f'{REPO}/config/digits_demo_config.py'), source='demo')
+    assert demo.exp_name == 'digits_demo' and demo.data.image_size == DIGITS_IMAGE_PX  # no resize of the cache
+    assert demo.data.hflip is False and demo.policy.model.name == 'resnet18'
