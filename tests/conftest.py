@@ -4,8 +4,8 @@ import shutil
 
 import pytest
 
-# pytest.ini runs two xdist workers on (typically) 2 cores: each worker, the runs it makes in process and the
-# processes it starts get one thread. Two workers with two OpenMP threads each wait on each other's cores: the
+# pytest.ini runs three xdist workers on (typically) 2 cores: each worker, the runs it makes in process and the
+# processes it starts get one thread. Workers with two OpenMP threads each wait on each other's cores: the
 # training tests ran several times slower (a 3-epoch demo 133 s instead of ~30).
 if int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1')) > 1:
     os.environ['OMP_NUM_THREADS'] = '1'
