@@ -102,9 +102,8 @@ class RunParts:
         self.learner.register_hook(self.log_hook)
         self.evaluator = make_evaluator(cfg.policy.eval.evaluator, self.data.val_loader, self.metric,
                                         self.policy.eval_mode, exp_name)
-        # TensorBoard image and per-class panels (rank 0); the run calls eval callbacks on rank 0 only.
+        # TensorBoard image, per-class and pixel-map panels (written on rank 0)
         self.visuals = TensorBoardVisuals(self.tb, self.data, self.metric, self.rank)
-        self.data.eval_callbacks.append(self.visuals)
 
     def log_start(self) -> None:
         d = self.data

@@ -2,9 +2,13 @@
 
 At the start a grid of augmented training images; after each evaluation a confusion matrix, per-class
 accuracy and the most confidently wrong val images (from ``DiagnosticMetric``, so the val set is not run
-twice; only the few wrong images are read again, by index); at the end an hparams entry.
+twice; only the few wrong images are read again, by index), and, where the val set is one picture's pixels
+(``ClassificationData.pixel_map``, the OVERFIT demo), the model's prediction at every pixel as a picture;
+at the end an hparams entry.
 """
+import logging
 import math
+import os
 import re
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -16,7 +20,8 @@ from .metric import DiagnosticMetric
 
 # Stable TensorBoard tags: dashboards and tests rely on these names.
 IMAGE_TAGS = {'train_grid': 'train/augmented_images', 'confusion': 'eval/confusion_matrix',
-              'mistakes': 'eval/most_confident_mistakes'}
+              'mistakes': 'eval/most_confident_mistakes', 'pixel_target': 'overfit/target',
+              'pixel_prediction': 'overfit/prediction'}
 PER_CLASS_PREFIX = 'eval_per_class/'
 PER_CLASS_HISTOGRAM = 'eval/per_class_acc1'
 
@@ -24,6 +29,10 @@ GRID_IMAGES = 16  # tiles in each image grid
 TILE_PX = 128  # side of a grid tile: small crops are enlarged and big ones reduced, so captions stay legible
 MAX_PER_CLASS_SCALARS = 100  # more classes: the per-class histogram only (1,000 tags would bury the dashboard)
 MAX_LABELLED_CLASSES = 40  # confusion matrix: names and counts are drawn up to this many classes
+PIXEL_MAP_CHUNK = 65536  # pixel coordinates per forward pass when drawing a pixel map (bounds memory)
+PIXEL_MAP_PNG = 'prediction.png'  # the last pixel map, in the experiment folder
+
+logger = logging.getLogger('dizoo_imgcls')
 
 
 def _font(size_px: int) -> ImageFont.ImageFont:
@@ -136,8 +145,8 @@ def spread_indices(length: int, count: int) -> List[int]:
 
 
 class TensorBoardVisuals:
-    """Image and per-class panels of one run. Call ``log_training_images`` once before training; the object
-    itself is an eval callback (``ClassificationData.eval_callbacks``) that the run calls on rank 0."""
+    """Image and per-class panels of one run: ``log_training_images`` once before training, ``after_eval`` after
+    each evaluation (both write on rank 0 only)."""
 
     def __init__(self, tb, data, metric: DiagnosticMetric, rank: int = 0) -> None:
         self._tb = tb
@@ -148,6 +157,7 @@ class TensorBoardVisuals:
         # The model may have more outputs than the folder has classes (policy.model.num_classes).
         self.names = names + [f'class_{i}' for i in range(len(names), metric.num_classes)]
         self._tags = per_class_tags(self.names)
+        self._pixel_map = PixelMapPanel(tb, data.pixel_map) if data.pixel_map is not None else None
 
     def log_training_images(self, step: int = 0) -> None:
         """A grid of training images as the model gets them (augmented, epoch-0 draws), captioned by class."""
@@ -161,11 +171,16 @@ class TensorBoardVisuals:
         grid = image_grid([image for image, _ in pictures], [self.names[label] for _, label in pictures])
         self._tb.add_image(IMAGE_TAGS['train_grid'], grid, step, dataformats='HWC')
 
-    def __call__(self, event) -> None:
-        diagnostics = self._metric.last_diagnostics
-        if self._rank != 0 or diagnostics is None:
+    def after_eval(self, policy, step: int, exp_dir: str, final: bool) -> None:
+        """The panels of the evaluation just done by ``policy`` (DI-engine eval mode) at iteration ``step``;
+        ``final``: the run's last evaluation."""
+        if self._rank != 0:
             return
-        step = event.iteration
+        if self._pixel_map is not None:
+            self._pixel_map.log(policy, step, exp_dir if final else None)
+        diagnostics = self._metric.last_diagnostics
+        if diagnostics is None:
+            return
         self._tb.add_image(IMAGE_TAGS['confusion'], confusion_image(diagnostics.confusion, self.names), step,
                            dataformats='HWC')
         accuracy = diagnostics.per_class_accuracy()
@@ -190,6 +205,51 @@ class TensorBoardVisuals:
                             f'({mistake.confidence:.2f})')
         if images:
             self._tb.add_image(IMAGE_TAGS['mistakes'], image_grid(images, captions), step, dataformats='HWC')
+
+
+class PixelMapPanel:
+    """A val set that is one picture's pixels (``data.PixelMap``): the target once (``overfit/target``) and the
+    model's P(class 0) at every pixel after each evaluation (``overfit/prediction``; class 0 white, as in the
+    target), and ``prediction.png`` in the experiment folder after the last."""
+
+    def __init__(self, tb, pixel_map) -> None:
+        self._tb = tb
+        self._map = pixel_map
+        self._logged_target = False
+
+    def log(self, policy, step: int, png_dir: Optional[str] = None) -> None:
+        classes = self._map.classes
+        if not self._logged_target:
+            share = 100.0 * float(np.mean(classes == 0))
+            logger.info(f'pixel map: {classes.shape[0]}x{classes.shape[1]} px, class 0 on {share:.1f}% of the pixels')
+            self._check_model_size(policy)
+            self._tb.add_image(IMAGE_TAGS['pixel_target'], gray_image(classes == 0), step, dataformats='HW')
+            self._logged_target = True
+        image = gray_image(self.class0_probability(policy))
+        self._tb.add_image(IMAGE_TAGS['pixel_prediction'], image, step, dataformats='HW')
+        self._tb.flush()
+        if png_dir is not None:
+            path = os.path.join(png_dir, PIXEL_MAP_PNG)
+            Image.fromarray(image, mode='L').save(path)
+            logger.info(f'predicted image: {path}')
+
+    def class0_probability(self, policy) -> np.ndarray:
+        coords = self._map.coords
+        chunks = [policy.forward(coords[i:i + PIXEL_MAP_CHUNK])['logit']
+                  for i in range(0, len(coords), PIXEL_MAP_CHUNK)]
+        return torch.softmax(torch.cat(chunks).float(), dim=1)[:, 0].reshape(self._map.classes.shape).numpy()
+
+    def _check_model_size(self, policy) -> None:
+        """A coordinate model scales its inputs by its ``coord_hw``: warn when that is not the picture's size."""
+        coord_hw: Optional[Sequence[int]] = getattr(policy.get_attribute('eval_model'), 'coord_hw', None)
+        if coord_hw is not None and tuple(coord_hw) != self._map.classes.shape:
+            logger.warning(f'policy.model.coord_hw={list(coord_hw)} but the image is {list(self._map.classes.shape)} '
+                           'px: the input scaling does not span the image; set both to the same [height, width]')
+
+
+def gray_image(values01: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] as a uint8 grayscale image (1 = white)."""
+    return np.clip(np.rint(np.asarray(values01, dtype=np.float64) * 255.0), 0, 255).astype(np.uint8)
 
 
 def hparams_of(cfg: Dict[str, Any], world_size: int) -> Dict[str, Any]:

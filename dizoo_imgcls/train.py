@@ -14,7 +14,7 @@ from easydict import EasyDict
 
 from .checkpoint import DiskWriteError, set_aside_later_checkpoints, step_checkpoint_name
 from .config import save_config_file
-from .data import EvalEvent, shutdown_workers
+from .data import shutdown_workers
 from .ding_adapter import restore_best
 from .run_parts import RunParts
 from .run_state import RunState
@@ -137,11 +137,7 @@ class Trainer:
             self.save(name)
             if run.rank == 0:
                 logger.info(f'saved {name}')
-        if run.rank == 0:
-            event = EvalEvent(run.policy.eval_mode, run.tb, epoch, self.learner.train_iter, run.exp_dir,
-                              stop or last, metrics)
-            for callback in run.data.eval_callbacks:
-                callback(event)
+        run.visuals.after_eval(run.policy.eval_mode, self.learner.train_iter, run.exp_dir, final=stop or last)
         return metrics, stop
 
     def save(self, name: str) -> str:

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from PIL import Image
 from ding.worker import MetricSerialEvaluator
 from easydict import EasyDict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -19,7 +20,7 @@ from tensorboardX import SummaryWriter
 
 from conftest import REPO
 from dizoo_imgcls import hooks
-from dizoo_imgcls.data import DataCapabilities, DistributedSampler
+from dizoo_imgcls.data import ClassificationData, DataCapabilities, DistributedSampler, PixelMap
 from dizoo_imgcls.hooks import TrainLoggerHook, use_progress_bar
 from dizoo_imgcls.metric import DiagnosticMetric, EvalDiagnostics, Mistake
 from dizoo_imgcls.runtime import setup_logging
@@ -184,11 +185,11 @@ def test_pictures_have_the_right_size_and_captions_do_not_blank_the_image():
     assert spread_indices(100, 4) == [0, 33, 66, 99] and spread_indices(2, 16) == [0, 1]
 
 
-def _fake_data(images, labels, are_images=True):
+def _fake_data(images, labels, are_images=True, pixel_map=None):
     dataset = list(zip(images, labels))
     loader = SimpleNamespace(dataset=dataset)
-    return SimpleNamespace(train_loader=loader, val_loader=loader, class_names=['n01', 'n02'],
-                           display_names=['tench', 'church'], capabilities=DataCapabilities(images=are_images))
+    return ClassificationData(loader, loader, None, None, ['n01', 'n02'], display_names=['tench', 'church'],
+                              capabilities=DataCapabilities(images=are_images), pixel_map=pixel_map)
 
 
 def _log_visuals(tmp_path, data, metric, iteration):
@@ -196,7 +197,7 @@ def _log_visuals(tmp_path, data, metric, iteration):
     with SummaryWriter(str(tmp_path)) as tb:
         visuals = TensorBoardVisuals(tb, data, metric)
         visuals.log_training_images(0)
-        visuals(SimpleNamespace(iteration=iteration))
+        visuals.after_eval(policy=None, step=iteration, exp_dir=str(tmp_path), final=False)
     events = EventAccumulator(str(tmp_path), size_guidance={'images': 0})
     events.Reload()
     return events
@@ -208,7 +209,7 @@ def test_visuals_write_training_grid_confusion_per_class_and_mistakes(tmp_path):
     metric = DiagnosticMetric(num_classes=2)
     metric.last_diagnostics = EvalDiagnostics(torch.tensor([[3, 0], [1, 2]]), [Mistake(0.9, 4, 1, 0)])
     events = _log_visuals(tmp_path, data, metric, iteration=7)
-    assert set(IMAGE_TAGS.values()) <= set(events.Tags()['images'])
+    assert set(events.Tags()['images']) == {IMAGE_TAGS[k] for k in ('train_grid', 'confusion', 'mistakes')}
     assert events.Scalars('eval_per_class/tench')[0].value == 100.0
     assert events.Scalars('eval_per_class/church')[0].value == pytest.approx(200 / 3)
     assert events.Images(IMAGE_TAGS['mistakes'])[0].step == 7
@@ -220,6 +221,43 @@ def test_visuals_skip_data_that_are_not_images(tmp_path):
     metric.last_diagnostics = EvalDiagnostics(torch.tensor([[1, 1], [0, 2]]), [Mistake(0.8, 1, 0, 1)])
     events = _log_visuals(tmp_path, data, metric, iteration=1)
     assert events.Tags()['images'] == [IMAGE_TAGS['confusion']]
+
+
+def test_pixel_map_draws_the_target_once_and_class0_probability_after_each_eval(tmp_path, caplog):
+    """A val set that is one picture's pixels (the OVERFIT source's PixelMap): the panel runs the eval policy on
+    every pixel and draws P(class 0), white = 1, as TensorBoard images and, after the last eval, a PNG."""
+    classes = np.array([[0, 1, 1], [0, 0, 1]])
+    coords = torch.tensor([[y, x] for y in range(2) for x in range(3)], dtype=torch.float32)
+
+    class EvalPolicy:  # logit(class 0) - logit(class 1) = 1 - x: P(class 0) = sigmoid(1 - x)
+        def forward(self, batch):
+            return {'logit': torch.stack([1 - batch[:, 1], torch.zeros(len(batch))], dim=1)}
+
+        def get_attribute(self, name):
+            assert name == 'eval_model'
+            return SimpleNamespace(coord_hw=(20, 30))
+
+    data = _fake_data([], [], are_images=False, pixel_map=PixelMap(coords, classes))
+    with SummaryWriter(str(tmp_path / 'tb')) as tb:
+        visuals = TensorBoardVisuals(tb, data, DiagnosticMetric(num_classes=2))
+        visuals.after_eval(EvalPolicy(), step=3, exp_dir=str(tmp_path), final=False)
+        assert not (tmp_path / 'prediction.png').exists()  # written after the last evaluation only
+        visuals.after_eval(EvalPolicy(), step=6, exp_dir=str(tmp_path), final=True)
+    # sigmoid(1), sigmoid(0), sigmoid(-1) = 0.731, 0.5, 0.269 -> rint(255 p) = 186, 128 (127.5 to even), 69
+    expected = np.array([[186, 128, 69], [186, 128, 69]], dtype=np.uint8)
+    with Image.open(tmp_path / 'prediction.png') as png:
+        assert png.mode == 'L' and np.array_equal(np.asarray(png), expected)
+    assert 'policy.model.coord_hw=[20, 30] but the image is [2, 3] px' in caplog.text
+    events = EventAccumulator(str(tmp_path / 'tb'), size_guidance={'images': 0})
+    events.Reload()
+    target = events.Images(IMAGE_TAGS['pixel_target'])
+    predictions = events.Images(IMAGE_TAGS['pixel_prediction'])
+    assert [e.step for e in target] == [3] and [e.step for e in predictions] == [3, 6]
+
+    def pixels(event):
+        return np.asarray(Image.open(io.BytesIO(event.encoded_image_string)).convert('L'))
+    assert np.array_equal(pixels(target[0]), np.where(classes == 0, 255, 0))  # class 0 white
+    assert np.array_equal(pixels(predictions[-1]), expected)
 
 
 def head_from_files(work_tree):

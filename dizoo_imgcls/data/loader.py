@@ -1,8 +1,9 @@
 """Loader factory: datasets, shard samplers and DataLoaders from the ``data`` config section."""
 import os
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from dataclasses import dataclass
+from typing import Dict, List, Optional
 
+import numpy as np
 import torch
 from ding.utils.registry import Registry
 from torch.utils.data import DataLoader, default_collate
@@ -61,18 +62,6 @@ DATA_CONFIG = dict(
 DATA_REGISTRY = Registry()
 
 
-@dataclass
-class EvalEvent:
-    """What an eval callback sees after each evaluation (rank 0 only)."""
-    policy: Any  # DI-engine eval-mode policy: policy.forward(batch) -> logits
-    tb: Any  # TensorBoard writer
-    epoch: int
-    iteration: int
-    exp_dir: str
-    final: bool
-    metrics: Dict[str, float]
-
-
 @dataclass(frozen=True)
 class DataCapabilities:
     """What a data source supports, declared by its builder and checked once, when the run's config is completed
@@ -84,19 +73,27 @@ class DataCapabilities:
     progressive_resize: bool = True
 
 
+@dataclass(frozen=True, eq=False)
+class PixelMap:
+    """A val set that is every pixel of one picture (the OVERFIT demo): after each evaluation the TensorBoard
+    visuals draw the model's prediction at every pixel as a picture (``tb_visuals.PixelMapPanel``)."""
+    coords: torch.Tensor  # (height * width, ...) model inputs, row by row
+    classes: np.ndarray  # (height, width) int class of each pixel; class 0 is drawn white
+
+
 @dataclass
 class ClassificationData:
-    """What a data builder returns: loaders, the train sampler (for set_epoch), class names, and optional
-    callbacks run after each evaluation (e.g. to log a prediction image)."""
+    """What a data builder returns: loaders, the train sampler (for set_epoch), class names, and what the source
+    supports (``capabilities``, and ``pixel_map`` where its val set is one picture's pixels)."""
     train_loader: Optional[DataLoader]  # None where only evaluation was asked for (build_eval_data)
     val_loader: DataLoader
     train_sampler: Optional[DistributedSampler]
     val_sampler: DistributedSampler
     class_names: List[str]
-    eval_callbacks: List[Callable[[EvalEvent], None]] = field(default_factory=list)
     # Human names in class order (``tench`` for ``n01440764``) where the data has a synset mapping, else None.
     display_names: Optional[List[str]] = None
     capabilities: DataCapabilities = DataCapabilities()
+    pixel_map: Optional[PixelMap] = None
 
     @property
     def num_classes(self) -> int:

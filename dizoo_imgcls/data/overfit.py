@@ -3,13 +3,13 @@
 The image is the word OVERFIT rendered with PIL (no file needed) or any picture given by
 ``data.options.image_path``. A sample is a raw ``(y, x)`` pixel coordinate (float32) and its label:
 0 = background (light), 1 = ink (dark). Training draws pixels uniformly at random; the val set is every
-pixel, so eval acc1 is the pixel accuracy of the whole predicted image. After each evaluation
-``PredictionMapLogger`` draws the model's prediction for every pixel into TensorBoard (and a PNG at the end).
+pixel, so eval acc1 is the pixel accuracy of the whole predicted image. The source hands the run that pixel grid
+(``ClassificationData.pixel_map``), and the TensorBoard visuals draw the model's prediction for every pixel after
+each evaluation (and a PNG at the end).
 """
 import difflib
-import logging
 import os
-from typing import Dict, Optional, Sequence
+from typing import Dict
 
 import numpy as np
 import torch
@@ -17,9 +17,7 @@ from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from ..errors import SettingError, UserError
-from .loader import DATA_REGISTRY, ClassificationData, DataCapabilities, EvalEvent, wrap_loaders
-
-logger = logging.getLogger('dizoo_imgcls')
+from .loader import DATA_REGISTRY, ClassificationData, DataCapabilities, PixelMap, wrap_loaders
 
 CLASS_NAMES = ['background', 'ink']
 
@@ -37,9 +35,6 @@ OVERFIT_OPTIONS = dict(
     # set; one epoch is one pass over them, so this also sets how often the evaluator draws the prediction map.
     samples_per_epoch=153_600,
 )
-
-# Coordinates per forward pass when drawing the prediction map (bounds memory, not a batch-size knob).
-PREDICTION_CHUNK = 65536
 
 
 def overfit_options(options: Dict) -> Dict:
@@ -138,48 +133,6 @@ class PixelCoordinates(Dataset):
         return cls(coords, torch.from_numpy(mask.reshape(-1))[flat].long())
 
 
-def to_image(gray01: np.ndarray) -> np.ndarray:
-    """Values in [0, 1] as a uint8 grayscale image (1 = white)."""
-    return np.clip(np.rint(gray01 * 255.0), 0, 255).astype(np.uint8)
-
-
-class PredictionMapLogger:
-    """Eval callback: P(background) at every pixel, drawn like the target (ink black), into TensorBoard
-    (``overfit/prediction``, every eval; ``overfit/target`` once) and ``prediction.png`` on the final eval."""
-
-    def __init__(self, mask: np.ndarray, grid: PixelCoordinates) -> None:
-        self.mask = mask
-        self.grid = grid
-        self._logged_target = False
-
-    def predict_background(self, policy) -> np.ndarray:
-        chunks = [policy.forward(self.grid.coords[i:i + PREDICTION_CHUNK])['logit']
-                  for i in range(0, len(self.grid), PREDICTION_CHUNK)]
-        prob = torch.softmax(torch.cat(chunks), dim=1)[:, CLASS_NAMES.index('background')]
-        return prob.reshape(self.mask.shape).numpy()
-
-    def __call__(self, event: EvalEvent) -> None:
-        if not self._logged_target:
-            logger.info(f'overfit: {self.mask.shape[0]}x{self.mask.shape[1]} px, ink on {100 * self.mask.mean():.1f}% '
-                        f'of pixels (predicting background everywhere scores {100 * (1 - self.mask.mean()):.1f}%)')
-            self._check_model_size(event.policy)
-            event.tb.add_image('overfit/target', to_image(1.0 - self.mask), event.iteration, dataformats='HW')
-            self._logged_target = True
-        image = to_image(self.predict_background(event.policy))
-        event.tb.add_image('overfit/prediction', image, event.iteration, dataformats='HW')
-        event.tb.flush()
-        if event.final:
-            path = os.path.join(event.exp_dir, 'prediction.png')
-            Image.fromarray(image, mode='L').save(path)
-            logger.info(f'predicted image: {path}')
-
-    def _check_model_size(self, policy) -> None:
-        coord_hw: Optional[Sequence[int]] = getattr(policy.get_attribute('eval_model'), 'coord_hw', None)
-        if coord_hw is not None and tuple(coord_hw) != self.mask.shape:
-            logger.warning(f'policy.model.coord_hw={list(coord_hw)} but the image is {list(self.mask.shape)} px: '
-                           'the input scaling does not span the image; set both to the same [height, width]')
-
-
 @DATA_REGISTRY.register('overfit')
 def build_overfit_loaders(data_cfg: Dict, batch_size: int, eval_batch_size: int, rank: int, world_size: int,
                           seed: int) -> ClassificationData:
@@ -189,5 +142,5 @@ def build_overfit_loaders(data_cfg: Dict, batch_size: int, eval_batch_size: int,
     val_set = PixelCoordinates.full_grid(mask)
     data = wrap_loaders(train_set, val_set, data_cfg, batch_size, eval_batch_size, rank, world_size, seed,
                         CLASS_NAMES, capabilities=DataCapabilities(images=False, progressive_resize=False))
-    data.eval_callbacks.append(PredictionMapLogger(mask, val_set))
+    data.pixel_map = PixelMap(val_set.coords, mask.astype(np.int64))  # class 1 (ink) where the mask is set
     return data
