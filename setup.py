@@ -39,8 +39,8 @@ setup(
     ],
     extras_require={
         # tensorboard: tests read event files and query a live TensorBoard server over HTTP;
-        # pytest-xdist: the suite runs in two processes (pytest.ini), most of its time is single-threaded start-up
-        'test': ['pytest>=7', 'pytest-xdist>=3', 'tensorboard>=2.12'],
+        # pytest-xdist: the suite runs in three one-thread processes (pytest.ini); 3.8 for --no-loadscope-reorder
+        'test': ['pytest>=7', 'pytest-xdist>=3.8', 'tensorboard>=2.12'],
         # peers: fastai for benchmarks/peers.py (its own Imagenette recipe beside ours); never needed to train
         'peers': ['fastai>=2.7'],
     },
