@@ -1,5 +1,5 @@
 """Worker for tests/test_distributed.py: K policy steps on a fixed global batch, either as one process on the
-whole batch or as one of several torchrun ranks on its slice. Writes rank 0's parameters to argv[1] (and the
+whole batch or as one of several ranks on its slice. Writes rank 0's parameters to argv[1] (and the
 initial ones to argv[1] + '.init')."""
 import sys
 

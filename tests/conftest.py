@@ -1,6 +1,7 @@
 import importlib.util
 import os
 import shutil
+import socket
 
 import pytest
 
@@ -25,6 +26,13 @@ def load_entry(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a process group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
 
 
 def run_main(capsys, name: str, *argv):

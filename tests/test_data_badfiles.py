@@ -18,6 +18,7 @@ from dizoo_imgcls.checkpoint import load_checkpoint, step_checkpoints
 from dizoo_imgcls.data.decode import _jpeg_region, read_image_file, simplejpeg
 from dizoo_imgcls.data.folder import DataLayoutError, ImageFolderSplit, class_index
 from dizoo_imgcls.data.transforms import EvalPreset, TrainPreset
+from conftest import run_main
 from test_entry import run_entry
 
 RED = (200, 30, 30)
@@ -182,16 +183,16 @@ def test_training_survives_the_corpus_and_names_each_bad_file_once(corpus, tmp_p
     assert 'Traceback' not in check.stderr
 
 
-@pytest.mark.slow  # > ~10 s on 2 cores
-def test_a_symlink_loop_in_a_class_folder_is_a_layout_error_not_a_crash(tmp_path):
+def test_a_symlink_loop_in_a_class_folder_is_a_layout_error_not_a_crash(tmp_path, capsys):
     write_good_images(tmp_path, 'train', 2)
     write_good_images(tmp_path, 'val', 1)
     loop = tmp_path / 'train' / 'a_red' / 'up'
     loop.symlink_to('..')  # a_red/up/a_red/up/...
     for args in (['--check-data'], ['--set', 'policy.learn.train_epoch=1']):
-        result = run_entry('--data-root', str(tmp_path), '--set', f'output_dir={tmp_path / "runs"}', *args)
-        assert result.returncode == 2, result.stdout + result.stderr
-        assert 'a folder already listed (a symlink loop' in result.stderr and 'Traceback' not in result.stderr
+        code, out, err = run_main(capsys, 'imagenet_res18_main', '--data-root', tmp_path, '--set',
+                                  f'output_dir={tmp_path / "runs"}', *args)
+        assert code == 2, out + err
+        assert 'a folder already listed (a symlink loop' in err and 'Traceback' not in err
 
 
 def test_a_link_into_another_class_folder_is_a_layout_error(tmp_path):
@@ -206,10 +207,10 @@ def test_a_link_into_another_class_folder_is_a_layout_error(tmp_path):
         train_split(tmp_path)
 
 
-def test_check_data_passes_a_clean_folder_without_training(tmp_path):
+def test_check_data_passes_a_clean_folder_without_training(tmp_path, capsys):
     write_good_images(tmp_path, 'train', 2)
     write_good_images(tmp_path, 'val', 1)
-    result = run_entry('--check-data', '--data-root', str(tmp_path))
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert 'checked 6 train + 3 val images' in result.stdout and '0 unreadable' in result.stdout
+    code, out, err = run_main(capsys, 'imagenet_res18_main', '--check-data', '--data-root', tmp_path)
+    assert code == 0, out + err
+    assert 'checked 6 train + 3 val images' in out and '0 unreadable' in out
     assert not (tmp_path / 'experiments').exists()

@@ -12,16 +12,17 @@ import time
 import psutil
 import pytest
 import torch
+import torch.multiprocessing as mp
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import REPO
+import _ddp_equivalence as ddp_equivalence
+from conftest import REPO, free_port
 from test_resume import SMALL_RUN
 
 pytestmark = pytest.mark.slow  # torchrun with 2 processes: every test over 10 s on 2 cores
 
 TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
 ENTRY = os.path.join(REPO, 'entry', 'imagenet_res18_main.py')
-WORKER = os.path.join(REPO, 'tests', '_ddp_equivalence.py')
 
 
 def run(args, timeout=300, **kwargs):
@@ -36,12 +37,20 @@ def entry_args(root, out, exp_name, epochs, *extra):
     return args
 
 
+def _equivalence_rank(rank, world_size, port, out_path):
+    """One rank of ``_ddp_equivalence.main`` in a forked process, with the environment torchrun would give it."""
+    if world_size > 1:
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR='127.0.0.1',
+                          MASTER_PORT=str(port))
+    ddp_equivalence.main(out_path)
+
+
 def test_two_process_steps_equal_one_process_on_the_combined_batch(tmp_path):
+    # Forked processes (gloo) rather than torchrun: this compares numbers, and each process starts from this one's
+    # imports instead of paying ~5 s of CPU for its own; the tests below run the real torchrun.
     single, double = tmp_path / 'single.pt', tmp_path / 'double.pt'
-    one = run([sys.executable, WORKER, str(single)])
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = run(TORCHRUN + [WORKER, str(double)])
-    assert two.returncode == 0, two.stderr[-2000:]
+    mp.start_processes(_equivalence_rank, args=(1, 0, str(single)), nprocs=1, start_method='fork')
+    mp.start_processes(_equivalence_rank, args=(2, free_port(), str(double)), nprocs=2, start_method='fork')
     a, b = torch.load(single), torch.load(double)
     for key in a:
         assert torch.allclose(a[key].float(), b[key].float(), atol=1e-5, rtol=1e-4), key

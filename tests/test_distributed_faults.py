@@ -4,7 +4,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,17 +12,11 @@ import psutil
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import REPO
+from conftest import REPO, free_port
 from dizoo_imgcls.checkpoint import load_checkpoint, step_checkpoints
 from test_distributed import TORCHRUN, _wait_for, entry_args
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 def node_agent(port: int, args, log_path, node: int):

@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, run_main
 from dizoo_imgcls.checkpoint import (CheckpointError, DiskWriteError, atomic_torch_save, load_checkpoint,
                                      step_checkpoints)
 from dizoo_imgcls.config import build_config, load_config_file
@@ -461,13 +461,13 @@ def test_checkpoint_load_errors_say_what_the_file_is(tmp_path):
 
 
 # ----- 11. exp_name and folders of runs that never trained -----
-def test_exp_name_outside_output_dir_is_refused_with_exit_2(tmp_path):
+def test_exp_name_outside_output_dir_is_refused_with_exit_2(tmp_path, capsys):
     out = tmp_path / 'a' / 'b' / 'out'
-    result = run_entry(out, '../../x', 'policy.learn.train_epoch=1')
-    assert result.returncode == 2, result.stderr[-2000:]
-    lines = error_lines(result.stderr)
+    code, _, err = run_main(capsys, 'imagenet_res18_main', *entry_args(out, '../../x', 'policy.learn.train_epoch=1')[2:])
+    assert code == 2, err[-2000:]
+    lines = error_lines(err)
     assert len(lines) == 1 and lines[0].startswith("error: exp_name must name a folder inside output_dir") and \
-        "'../../x'" in lines[0], result.stderr
+        "'../../x'" in lines[0], err
     assert not (tmp_path / 'a' / 'x').exists() and not out.exists()
 
 
