@@ -157,7 +157,7 @@ class TensorBoardVisuals:
         # The model may have more outputs than the folder has classes (policy.model.num_classes).
         self.names = names + [f'class_{i}' for i in range(len(names), metric.num_classes)]
         self._tags = per_class_tags(self.names)
-        self._pixel_map = PixelMapPanel(tb, data.pixel_map) if data.pixel_map is not None else None
+        self._pixel_map = PixelMapPanel(tb, data.pixel_map, self.names) if data.pixel_map is not None else None
 
     def log_training_images(self, step: int = 0) -> None:
         """A grid of training images as the model gets them (augmented, epoch-0 draws), captioned by class."""
@@ -212,16 +212,20 @@ class PixelMapPanel:
     model's P(class 0) at every pixel after each evaluation (``overfit/prediction``; class 0 white, as in the
     target), and ``prediction.png`` in the experiment folder after the last."""
 
-    def __init__(self, tb, pixel_map) -> None:
+    def __init__(self, tb, pixel_map, class_names: Sequence[str]) -> None:
         self._tb = tb
         self._map = pixel_map
+        self._names = class_names
         self._logged_target = False
 
     def log(self, policy, step: int, png_dir: Optional[str] = None) -> None:
         classes = self._map.classes
         if not self._logged_target:
-            share = 100.0 * float(np.mean(classes == 0))
-            logger.info(f'pixel map: {classes.shape[0]}x{classes.shape[1]} px, class 0 on {share:.1f}% of the pixels')
+            counts = np.bincount(classes.reshape(-1), minlength=len(self._names))
+            shares = ', '.join(f'{name} {100.0 * n / classes.size:.1f}%' for name, n in zip(self._names, counts))
+            majority = int(counts.argmax())
+            logger.info(f'pixel map: {classes.shape[0]}x{classes.shape[1]} px ({shares}); predicting '
+                        f'{self._names[majority]} everywhere scores {100.0 * counts[majority] / classes.size:.1f}%')
             self._check_model_size(policy)
             self._tb.add_image(IMAGE_TAGS['pixel_target'], gray_image(classes == 0), step, dataformats='HW')
             self._logged_target = True

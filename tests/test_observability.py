@@ -244,6 +244,8 @@ def test_pixel_map_draws_the_target_once_and_class0_probability_after_each_eval(
     with Image.open(tmp_path / 'prediction.png') as png:
         assert png.mode == 'L' and np.array_equal(np.asarray(png), expected)
     assert 'policy.model.coord_hw=[20, 30] but the image is [2, 3] px' in caplog.text
+    # class 0 on 3 of 6 pixels: the names are the data's display names
+    assert 'pixel map: 2x3 px (tench 50.0%, church 50.0%); predicting tench everywhere scores 50.0%' in caplog.text
     events = EventAccumulator(str(tmp_path / 'tb'), size_guidance={'images': 0})
     events.Reload()
     target = events.Images(IMAGE_TAGS['pixel_target'])
