@@ -1,6 +1,7 @@
 """Worker for tests/test_distributed.py: K policy steps on a fixed global batch, either as one process on the
-whole batch or as one of several ranks on its slice. Writes rank 0's parameters to argv[1] (and the
-initial ones to argv[1] + '.init')."""
+whole batch or as one of several ranks (the process group torchrun's environment variables describe) on its
+slice. ``main(path)`` writes rank 0's parameters to path (and the initial ones to path + '.init'); the test forks
+the processes, ``python tests/_ddp_equivalence.py PATH`` (alone or under torchrun) does the same by hand."""
 import sys
 
 import torch

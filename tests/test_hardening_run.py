@@ -30,11 +30,16 @@ TINY = ['data.options.image_hw=[30,100]', 'policy.model.coord_hw=[30,100]', 'dat
 ENV = dict(os.environ, OMP_NUM_THREADS='1')
 
 
-def entry_args(out, exp, *overrides, resume=None):
-    args = [sys.executable, ENTRY, '--config', CONFIG, '--exp-name', exp, '--set', f'output_dir={out}']
+def cli_args(out, exp, *overrides, resume=None):
+    """The command line after ``python entry/imagenet_res18_main.py``."""
+    args = ['--config', CONFIG, '--exp-name', exp, '--set', f'output_dir={out}']
     for item in TINY + list(overrides):
         args += ['--set', item]
     return args + (['--resume', resume] if resume else [])
+
+
+def entry_args(out, exp, *overrides, resume=None):
+    return [sys.executable, ENTRY] + cli_args(out, exp, *overrides, resume=resume)
 
 
 def run_entry(out, exp, *overrides, resume=None, timeout=180):
@@ -463,7 +468,7 @@ def test_checkpoint_load_errors_say_what_the_file_is(tmp_path):
 # ----- 11. exp_name and folders of runs that never trained -----
 def test_exp_name_outside_output_dir_is_refused_with_exit_2(tmp_path, capsys):
     out = tmp_path / 'a' / 'b' / 'out'
-    code, _, err = run_main(capsys, 'imagenet_res18_main', *entry_args(out, '../../x', 'policy.learn.train_epoch=1')[2:])
+    code, _, err = run_main(capsys, 'imagenet_res18_main', *cli_args(out, '../../x', 'policy.learn.train_epoch=1'))
     assert code == 2, err[-2000:]
     lines = error_lines(err)
     assert len(lines) == 1 and lines[0].startswith("error: exp_name must name a folder inside output_dir") and \
