@@ -347,18 +347,22 @@ def test_export_reloads_and_matches_pytorch_on_another_batch_size(checkpoint_pat
 @pytest.mark.parametrize('fmt, suffix', [('torchscript', '.pt'), ('onnx', '.onnx')])
 @pytest.mark.parametrize('name, options', [('timm/resnet18d', dict(activation='silu')),
                                            ('timm/resnet18d', dict(activation='mish', blur_pool=True,
-                                                                   block_args=dict(attn_layer='se')))])
+                                                                   block_args=dict(attn_layer='se'),
+                                                                   self_attention=True))])
 @pytest.mark.slow  # > ~10 s on 2 cores
 def test_the_imagenette_recipes_model_exports_too(tmp_path, fmt, suffix, name, options):
     """timm's ResNet-18-D with SiLU (config/imagenette_res18_config.py): deep stem, average-pool shortcuts and SiLU all
     survive tracing / ONNX (SiLU has no ONNX op of its own before opset 24: it becomes x * Sigmoid(x)); so do the
-    recipe search's Mish, SE blocks and MaxBlurPool stem."""
+    recipe search's Mish, SE blocks, MaxBlurPool stem and self-attention (its spectral norm included)."""
     from dizoo_imgcls.export import export_onnx, export_torchscript, verify_export
     from dizoo_imgcls.model import create_model
 
     torch.manual_seed(0)
     model = create_model(name, 3, zero_init_residual=False, **options).eval()
     torch.nn.init.normal_(model.backbone.fc.weight, 0, 10.0)  # logits of order 1 (the init gives ~0.01)
+    for module in model.modules():
+        if hasattr(module, 'gamma'):  # self-attention's gamma, which starts at 0 (the identity)
+            module.gamma.data.fill_(1e-4)
     path = str(tmp_path / f'model{suffix}')
     (export_onnx if fmt == 'onnx' else export_torchscript)(model, torch.randint(0, 256, (2, 3, 64, 64),
                                                                                  dtype=torch.uint8), path)

@@ -139,6 +139,40 @@ def test_timm_models_by_name_with_options_and_a_new_head():
     assert target(torch.zeros(1, 3, 64, 64, dtype=torch.uint8)).shape == (1, 5)
 
 
+def test_simple_self_attention_by_hand_and_in_the_first_stages_last_block():
+    from dizoo_imgcls.model.timm_layers import SimpleSelfAttention
+
+    attention = SimpleSelfAttention(2)
+    attention.conv.weight = 3 * torch.eye(2).unsqueeze(-1)  # spectral norm 3: the normalized 1x1 conv is I
+    attention.gamma.data.fill_(0.5)
+    x = torch.tensor([[1.0, 0.0, 2.0], [0.0, 1.0, 1.0]]).view(1, 2, 1, 3)
+    attention.train()(x)  # one power iteration finds the exact singular vectors of 3 I
+    # X X^T = [[5, 2], [2, 2]]; X X^T X = [[5, 2, 12], [2, 2, 6]]; X + 0.5 * that:
+    expected = torch.tensor([[3.5, 1.0, 8.0], [1.0, 2.0, 4.0]]).view(1, 2, 1, 3)
+    assert torch.allclose(attention.eval()(x), expected)
+    assert torch.allclose(attention(x.contiguous(memory_format=torch.channels_last)), expected)
+
+    torch.manual_seed(0)
+    plain = create_model('timm/resnet18d', 3).eval()
+    model = create_model('timm/resnet18d', 3, self_attention=True, block_args=dict(attn_layer='se'))
+    block = model.backbone.layer1[-1]
+    assert [type(m).__name__ for m in block.se] == ['SEModule', 'SimpleSelfAttention']  # after SE, as in fastai
+    assert model.backbone.layer1[0].se is not None and not any(
+        isinstance(m, SimpleSelfAttention) for m in model.backbone.layer2.modules())
+    model = create_model('timm/resnet18d', 3, self_attention=True)
+    assert isinstance(model.backbone.layer1[-1].se, SimpleSelfAttention)
+    # gamma starts at 0: the same function as the plain network with the same weights
+    assert load_pretrained(plain, {k: v for k, v in model.state_dict().items() if '.se.' not in k})
+    x = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(x), plain(x), atol=1e-5)
+    nn.init.ones_(model.backbone.layer1[-1].bn2.weight)  # a non-zero residual branch: gamma learns
+    model.train()(x).sum().backward()
+    assert model.backbone.layer1[-1].se.gamma.grad.abs().item() > 0
+    with pytest.raises(ValueError, match="self_attention needs one of timm's ResNets"):
+        create_model('timm/mobilenetv3_small_050', 3, self_attention=True)
+
+
 class _Images(torch.utils.data.Dataset):
     def __init__(self, preset, images):
         self.preset, self.images = preset, images

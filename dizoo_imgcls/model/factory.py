@@ -99,14 +99,15 @@ TIMM_PREFIX = 'timm/'
 
 
 def build_timm_model(arch: str, num_classes: int, zero_init_residual: bool = True, blur_pool: bool = False,
-                     activation: Optional[str] = None, **timm_kwargs) -> nn.Module:
+                     activation: Optional[str] = None, self_attention: bool = False, **timm_kwargs) -> nn.Module:
     """``policy.model.name='timm/<arch>'``: any architecture ``timm.create_model`` builds, without pretrained
     weights (nothing is downloaded), behind our input normalization with timm's mean/std for it.
 
     ``activation`` is timm's ``act_layer`` ('silu', 'mish', ...; None: the model's own); ``blur_pool`` is timm's
     anti-aliasing (``aa_layer=BlurPool2d``: blur-pooled strided convolutions and a MaxBlurPool stem, Zhang 2019).
-    Further keys of ``policy.model.extra`` go to ``timm.create_model`` as they are (e.g.
-    ``block_args=dict(attn_layer='se')``, ``drop_path_rate=0.05``). timm's ResNet family (ResNet-D, SE-ResNeXt,
+    ``self_attention`` (``policy.model.extra.self_attention``, timm's ResNets only) adds fastai's simple
+    self-attention layer to the first stage's last block. Further keys of ``policy.model.extra`` go to
+    ``timm.create_model`` as they are (e.g. ``block_args=dict(attn_layer='se')``, ``drop_path_rate=0.05``). timm's ResNet family (ResNet-D, SE-ResNeXt,
     ...) gets our MSRA init with the residual branches' last BN at zero when ``zero_init_residual``; other
     architectures keep timm's own init."""
     import timm
@@ -123,6 +124,12 @@ def build_timm_model(arch: str, num_classes: int, zero_init_residual: bool = Tru
         raise SettingError(f"timm model '{arch}' does not take the options {sorted(timm_kwargs)}: {e}") from None
     if isinstance(backbone, TimmResNet):
         msra_init_(backbone, zero_init_residual)
+    if self_attention:
+        if not isinstance(backbone, TimmResNet):
+            raise SettingError(f"policy.model.extra.self_attention needs one of timm's ResNets (its blocks' attention "
+                               f"slot); '{arch}' is a {type(backbone).__name__}")
+        from .timm_layers import add_self_attention_
+        add_self_attention_(backbone)
     cfg = getattr(backbone, 'pretrained_cfg', None) or {}
     return ImageClassifier(backbone, cfg.get('mean', IMAGENET_MEAN), cfg.get('std', IMAGENET_STD))
 

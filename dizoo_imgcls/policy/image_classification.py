@@ -74,7 +74,8 @@ class ImageClassificationPolicy(Policy):
             # or 'mish' in place of every ReLU (timm models: any act_layer name); coord_mlp 'relu', 'tanh' or 'cos'.
             activation=None,
             # (dict) Further keyword arguments for this model's builder, e.g. for timm models
-            # dict(block_args=dict(attn_layer='se'), drop_path_rate=0.05), passed to timm.create_model as they are.
+            # dict(block_args=dict(attn_layer='se'), drop_path_rate=0.05), passed to timm.create_model as they are;
+            # for timm's ResNets also self_attention=True (fastai's simple self-attention in the first stage).
             extra=dict(),
             # (str) Initial weights: one of our checkpoints or a torchvision state-dict file on disk (nothing is
             # downloaded). A classifier head of another size is replaced by a fresh one for num_classes.
