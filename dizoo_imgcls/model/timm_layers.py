@@ -17,7 +17,11 @@ class SimpleSelfAttention(nn.Module):
     """Simple self-attention (Doria 2019, the layer of fastai's xresnet ``sa=True`` and of the Imagenette records):
     ``x + gamma * (x x^T) W x`` over the flattened pixels, with ``W`` a spectrally normalized 1x1 convolution
     (kaiming-normal init) and ``gamma`` starting at 0, so the layer is the identity at init. Costs 3 * C^2 * H * W
-    multiply-adds: little in an early, narrow stage."""
+    multiply-adds: little in an early, narrow stage.
+
+    ``x x^T`` sums over the H * W pixels, so the attention term grows with the image area: a model trained at one
+    size and evaluated at another (progressive resizing, ``data.eval_image_size``) sees it scaled by the ratio of
+    areas, as fastai's layer does (docs/BENCHMARKS.md, session 14)."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
