@@ -107,9 +107,9 @@ def build_timm_model(arch: str, num_classes: int, zero_init_residual: bool = Tru
     anti-aliasing (``aa_layer=BlurPool2d``: blur-pooled strided convolutions and a MaxBlurPool stem, Zhang 2019).
     ``self_attention`` (``policy.model.extra.self_attention``, timm's ResNets only) adds fastai's simple
     self-attention layer to the first stage's last block. Further keys of ``policy.model.extra`` go to
-    ``timm.create_model`` as they are (e.g. ``block_args=dict(attn_layer='se')``, ``drop_path_rate=0.05``). timm's ResNet family (ResNet-D, SE-ResNeXt,
-    ...) gets our MSRA init with the residual branches' last BN at zero when ``zero_init_residual``; other
-    architectures keep timm's own init."""
+    ``timm.create_model`` as they are (e.g. ``block_args=dict(attn_layer='se')``, ``drop_path_rate=0.05``).
+    timm's ResNet family (ResNet-D, SE-ResNeXt, ...) gets our MSRA init with the residual branches' last BN at zero
+    when ``zero_init_residual``; other architectures keep timm's own init."""
     import timm
     from timm.models.resnet import ResNet as TimmResNet
 
