@@ -6,7 +6,10 @@ ResNet-18 (80.9% vs 76.4%), crops of at least half the image +0.3; progressive r
 quarter of the compute for about half a point. Mixup/CutMix (-1.1), TrivialAugment (-5.0), an EMA of the
 weights (-0.2) and BlurPool (-0.8) did not pay off in 5 epochs and stay off. SiLU in place of ReLU (2 CPU cores,
 224 px sources, seeds 0/1/2): 81.86/81.25/82.57% against 81.02/81.02/82.29%, better with every seed, +0.45 points
-on average for ~4% of the step speed. bf16 autocast and channels_last come from the policy defaults (amp='auto')."""
+on average for ~4% of the step speed. fastai's record recipe (Ranger + flat_cos with its simple self-attention)
+ended level on 3 seeds, 82.02% against this config's 81.79%, for 13% more wall time, so it is not taken (the
+table of every change tried: docs/BENCHMARKS.md, "Recipe v2"). bf16 autocast and channels_last come from the
+policy defaults (amp='auto')."""
 from easydict import EasyDict
 
 imagenette_res18_config = dict(
